@@ -1,0 +1,119 @@
+"""Post-training compensation of FAQ's residual error with calibration statistics.
+
+FAQ alone leaves the error of words it cannot fix (a stuck sign bit can leave an error as large
+as the weight). Beyond the paper (issue 2), we let the healthy weights of the same output row
+absorb that error, the optimal-brain-surgeon / GPTQ update with H = E[x x^T]:
+
+    F      = faulty weights whose FAQ residual exceeds half a step
+    delta  = Hinv[:, F] @ solve(Hinv[F, F], residual[F])       (residual = read-back - target)
+    w     <- w + delta
+
+which lands every weight in F exactly on its read-back value and moves the rest of the row to
+minimise the output error. FAQ then runs again on the moved row, and bias correction removes
+what is left of the mean output error. Work is in code units (a row's scale cancels out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .faq_table import FAQTable, faq_remap, read_back
+
+DAMPENING = 0.01  # fraction of mean(diag(H)) added to the diagonal, as GPTQ does
+_CHUNK_BYTES = 64 << 20
+
+
+def inverse_hessian(h: np.ndarray, dampening: float = DAMPENING) -> np.ndarray:
+    """(H + damp I)^-1 with dead inputs (zero variance) made harmless."""
+    h = h.copy()
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    damp = dampening * float(np.mean(np.diag(h)))
+    h[np.diag_indices_from(h)] += damp
+    try:
+        c = np.linalg.cholesky(h)
+        ci = np.linalg.inv(c)
+        return ci.T @ ci
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(h)
+
+
+def error_feedback(
+    targets: np.ndarray,
+    sa0: np.ndarray,
+    sa1: np.ndarray,
+    hinv: np.ndarray,
+    table: FAQTable,
+) -> tuple[np.ndarray, int]:
+    """Move each row (targets: rows x d, code units) so its unfixable faulty weights are absorbed.
+
+    Returns the moved targets and the number of weights that were forced. Rows are solved in
+    batches padded to the same |F| (np.linalg.solve is batched), so there is no Python loop
+    over weights and only one over chunks of rows.
+    """
+    faulty = (sa0 | sa1) != 0
+    codes = faq_remap(targets.ravel(), sa0.ravel(), sa1.ravel(), table).reshape(targets.shape)
+    residual = np.where(faulty, read_back(codes, sa0, sa1).astype(np.float64) - targets, 0.0)
+    force = faulty & (np.abs(residual) > 0.5)
+    counts = force.sum(axis=1)
+    moved = targets.astype(np.float64).copy()
+    rows = np.flatnonzero(counts)
+    if rows.size == 0:
+        return moved, 0
+    rows = rows[np.argsort(counts[rows], kind="stable")]
+    d = targets.shape[1]
+
+    def chunk_rows(k: int) -> int:
+        return max(1, _CHUNK_BYTES // (8 * max(k * k + k * d, 1)))
+
+    start = 0
+    while start < rows.size:
+        end = min(rows.size, start + chunk_rows(int(counts[rows[start]])))
+        end = min(end, start + chunk_rows(int(counts[rows[end - 1]])))
+        chunk = rows[start:end]
+        _solve_chunk(moved, residual, force, hinv, chunk, int(counts[chunk[-1]]))
+        start = end
+    return moved, int(counts.sum())
+
+
+def _solve_chunk(moved, residual, force, hinv, chunk, kmax) -> None:
+    """delta_r = Hinv[:, F_r] @ solve(Hinv[F_r, F_r], residual[r, F_r]) for a chunk of rows."""
+    for_rows = force[chunk]
+    # positions of the forced weights per row, left-aligned (argsort puts True first).
+    order = np.argsort(~for_rows, axis=1, kind="stable")[:, :kmax]
+    mask = np.take_along_axis(for_rows, order, axis=1)
+    idx = np.where(mask, order, 0)
+    a = hinv[idx[:, :, None], idx[:, None, :]]
+    eye = np.eye(kmax, dtype=bool)[None]
+    both = mask[:, :, None] & mask[:, None, :]
+    a = np.where(both, a, np.where(eye, 1.0, 0.0))
+    rhs = np.where(mask, np.take_along_axis(residual[chunk], idx, axis=1), 0.0)
+    sol = np.linalg.solve(a, rhs[..., None])[..., 0]
+    moved[chunk] += np.einsum("rkd,rk->rd", hinv[idx], sol, optimize=True)
+
+
+def bias_delta(
+    targets: np.ndarray, codes: np.ndarray, mean_x: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
+    """Per-row float bias shift that cancels the mean output error of the stored weights.
+
+    sum_i (w_i - w_hat_i) E[x_i], with w = targets * scale and w_hat = read-back code * scale.
+    """
+    err = (targets - codes.astype(np.float64)) * scale.reshape(-1, 1)
+    return err @ mean_x
+
+
+def remap_rows(
+    targets: np.ndarray,
+    sa0: np.ndarray,
+    sa1: np.ndarray,
+    table: FAQTable,
+    hinv: np.ndarray | None,
+) -> tuple[np.ndarray, int]:
+    """FAQ codes for one group of rows, with error feedback when `hinv` is given."""
+    forced = 0
+    if hinv is not None:
+        targets, forced = error_feedback(targets, sa0, sa1, hinv, table)
+    codes = faq_remap(targets.ravel(), sa0.ravel(), sa1.ravel(), table).reshape(targets.shape)
+    return codes, forced

@@ -1,0 +1,141 @@
+"""Datasets (.npz) checked against a model, batching, and accuracy / agreement metrics.
+
+The .npz contract (DESIGN.md): arrays keyed by the model's input names (a single-input model may
+use any one key), plus an optional `label` array of int class ids; never pickles.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+_ONNX_TO_NP = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+@dataclass
+class InputSpec:
+    """A model input: name, numpy dtype and shape (None for a symbolic dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs are not inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(_ONNX_TO_NP.get(tt.elem_type, np.float32))
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dtype, shape))
+    return specs
+
+
+@dataclass
+class Dataset:
+    """Model inputs by name (first axis = samples) and optional integer labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, n: int) -> "Dataset":
+        """The first n samples."""
+        return Dataset({k: v[:n] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[:n], self.source)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Input feeds of at most batch_size samples."""
+        for i in range(0, len(self), batch_size):
+            yield {k: v[i : i + batch_size] for k, v in self.inputs.items()}
+
+
+def load_npz(path: str | os.PathLike, model: onnx.ModelProto, *, role: str = "data") -> Dataset:
+    """Load a .npz and check it against the model's inputs before any work starts."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such {role} file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise InputError(f"{p}: holds pickled objects, which harden never loads; save plain numeric arrays") from None
+        raise InputError(f"{p}: not a readable .npz ({str(exc)[:120]})") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InputError(f"{p}: not a readable .npz ({type(exc).__name__})") from None
+    return check_dataset(arrays, model, source=str(p))
+
+
+def check_dataset(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, source: str = "<data>") -> Dataset:
+    """Match arrays to model inputs; check dtypes, shapes, finiteness and labels."""
+    specs = input_specs(model)
+    labels = arrays.pop("label", None)
+    if len(specs) == 1 and specs[0].name not in arrays:
+        if len(arrays) != 1:
+            raise InputError(f"{source}: expected an array named {specs[0].name!r} (found {sorted(arrays)})")
+        arrays = {specs[0].name: next(iter(arrays.values()))}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise InputError(f"{source}: no array for model input(s) {missing} (found {sorted(arrays)})")
+    inputs: dict[str, np.ndarray] = {}
+    n = None
+    for s in specs:
+        a = arrays[s.name]
+        if a.dtype != s.dtype:
+            if a.dtype.kind == "f" and s.dtype.kind == "f":
+                a = a.astype(s.dtype)
+            else:
+                raise InputError(f"{source}: array {s.name!r} has dtype {a.dtype}, the model expects {s.dtype}")
+        if a.ndim != len(s.shape) or any(d is not None and d != ad for d, ad in zip(s.shape[1:], a.shape[1:])):
+            want = "x".join("?" if d is None else str(d) for d in s.shape)
+            raise InputError(f"{source}: array {s.name!r} has shape {a.shape}, the model expects {want}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{source}: array {s.name!r} contains NaN or Inf")
+        if n is None:
+            n = len(a)
+        elif len(a) != n:
+            raise InputError(f"{source}: inputs disagree on the number of samples ({n} vs {len(a)})")
+        inputs[s.name] = np.ascontiguousarray(a)
+    if not n:
+        raise InputError(f"{source}: holds no samples")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.ndim != 1:
+            raise InputError(f"{source}: 'label' must be a 1-D array of integer class ids (got {labels.dtype}, shape {labels.shape})")
+        if len(labels) != n:
+            raise InputError(f"{source}: {len(labels)} labels for {n} samples")
+        labels = labels.astype(np.int64)
+    return Dataset(inputs, labels, source)
+
+
+def top1(logits: np.ndarray) -> np.ndarray:
+    """Predicted class per sample (logits flattened past the batch axis)."""
+    return np.argmax(logits.reshape(len(logits), -1), axis=1)
+
+
+def accuracy(pred: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of predictions equal to the reference (labels, or the float model's top-1)."""
+    return float(np.mean(pred == reference))

@@ -1,0 +1,134 @@
+"""Second-order statistics of each weight op's input on calibration data.
+
+For every int8 weight tensor we need, per group of output channels, the input mean E[x]
+(bias correction) and H = E[x x^T] (error feedback, METHODS.md / issue 2). A convolution's
+input is unfolded into patches (im2col) whose columns follow the weight's C-order flattening
+(in_channels/group, kernel...), so a weight row and a patch line up element by element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .model import QWeight
+from .runtime import capture
+
+
+@dataclass
+class LayerStats:
+    """Per-group input statistics of one weight op: sum of x, sum of x x^T, row count."""
+
+    groups: int
+    sum_x: np.ndarray  # (groups, d)
+    sum_xx: np.ndarray | None  # (groups, d, d) or None when only means were asked for
+    rows: int = 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum_x / max(self.rows, 1)
+
+    def hessian(self) -> np.ndarray:
+        """E[x x^T] per group."""
+        assert self.sum_xx is not None
+        return self.sum_xx / max(self.rows, 1)
+
+
+def supported(w: QWeight) -> bool:
+    """Ops whose input we can unfold into the weight's row layout."""
+    if w.op_type in ("Gemm", "MatMul"):
+        return not w.attrs.get("transA", 0) and len(w.shape) == 2
+    if w.op_type == "Conv":
+        return len(w.shape) in (3, 4) and w.attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    return False
+
+
+def weight_rows(w: QWeight, array: np.ndarray) -> np.ndarray:
+    """Weight tensor -> (out_channels, d) rows that multiply the unfolded input."""
+    if w.op_type == "Conv":
+        return array.reshape(array.shape[0], -1)
+    if w.op_type == "Gemm" and w.attrs.get("transB", 0):
+        return array
+    return array.T  # Gemm without transB, MatMul: (K, N) -> (N, K)
+
+
+def rows_to_weight(w: QWeight, rows: np.ndarray) -> np.ndarray:
+    """Inverse of weight_rows."""
+    if w.op_type == "Conv":
+        return rows.reshape(w.shape)
+    if w.op_type == "Gemm" and w.attrs.get("transB", 0):
+        return rows
+    return rows.T
+
+
+def unfold(w: QWeight, x: np.ndarray) -> np.ndarray:
+    """The op's input as (groups, rows, d) so that output = rows @ weight_row.
+
+    Conv: im2col with pads, strides and dilations; Gemm/MatMul: leading axes flattened.
+    """
+    if w.op_type in ("Gemm", "MatMul"):
+        return x.reshape(1, -1, x.shape[-1])
+    spatial = len(w.shape) - 2
+    kernel = tuple(w.shape[2:])
+    strides = tuple(w.attrs.get("strides", [1] * spatial))
+    dil = tuple(w.attrs.get("dilations", [1] * spatial))
+    pads = list(w.attrs.get("pads", [0] * (2 * spatial)))
+    g = int(w.attrs.get("group", 1))
+    pad_width = [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)]
+    xp = np.pad(x, pad_width)
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil))
+    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + spatial)))
+    # win: N, C, *out_full, *span -> dilate the kernel, stride the output
+    idx = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(slice(None, None, d) for d in dil)
+    win = win[idx]
+    n, c = win.shape[:2]
+    out = win.shape[2 : 2 + spatial]
+    cg = c // g
+    win = win.reshape((n, g, cg) + out + kernel)
+    # -> g, n, *out, cg, *kernel
+    order = (1, 0) + tuple(range(3, 3 + spatial)) + (2,) + tuple(range(3 + spatial, 3 + 2 * spatial))
+    win = win.transpose(order)
+    return np.ascontiguousarray(win).reshape(g, -1, cg * int(np.prod(kernel)))
+
+
+def collect(
+    model: onnx.ModelProto,
+    weights: list[QWeight],
+    data: Dataset,
+    *,
+    with_hessian: bool = True,
+    max_rows: int = 8192,
+) -> dict[str, LayerStats]:
+    """Input statistics for every supported weight op, in one streamed pass over `data`.
+
+    H is accumulated in float64 from at most `max_rows` unfolded rows per layer (evenly spaced,
+    so the result is deterministic); means use every row.
+    """
+    layers = [w for w in weights if supported(w)]
+    stats: dict[str, LayerStats] = {}
+    batch = 32
+    n_batches = max(1, -(-len(data) // batch))
+    per_batch = max(1, max_rows // n_batches)
+
+    def on_batch(acts: dict[str, np.ndarray]) -> None:
+        for w in layers:
+            cols = unfold(w, acts[w.activation].astype(np.float64))
+            g, r, d = cols.shape
+            st = stats.get(w.name)
+            if st is None:
+                st = stats[w.name] = LayerStats(
+                    groups=g, sum_x=np.zeros((g, d)), sum_xx=np.zeros((g, d, d)) if with_hessian else None
+                )
+            st.sum_x += cols.sum(axis=1)
+            if with_hessian:
+                pick = cols if r <= per_batch else cols[:, np.linspace(0, r - 1, per_batch).astype(np.int64)]
+                st.sum_xx += np.matmul(pick.transpose(0, 2, 1), pick) * (r / pick.shape[1])
+            st.rows += r
+
+    names = sorted({w.activation for w in layers})
+    if names:
+        capture(model, data, names, on_batch, batch_size=batch)
+    return stats

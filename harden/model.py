@@ -1,0 +1,265 @@
+"""Load, check, simplify and save ONNX models; find the int8 weight table of a QDQ model.
+
+Everything that reads a user's model goes through `load_model`, so a malformed file is one
+clear `InputError` (exit 2) and never a protobuf traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError
+from .fileio import atomic_path
+
+#: Ops whose input 1 is a weight that lives in the accelerator's weight memory (DESIGN.md).
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+#: Per-channel DequantizeLinear (the `axis` attribute) needs opset 13.
+MIN_QDQ_OPSET = 13
+
+#: Refuse declared dimensions above this: no real accelerator model has them, and they are a
+#: classic way to make a tool allocate itself to death.
+MAX_DECLARED_DIM = 1 << 31
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external-data locations that escape the model's folder (absolute or `..`)."""
+    base = base_dir.resolve()
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        p = Path(location)
+        target = (base / p).resolve()
+        if p.is_absolute() or ".." in p.parts or base not in target.parents:
+            raise InputError(
+                f"tensor {tensor.name!r} stores its data at {location!r}, outside the model's folder; refused"
+            )
+        if not target.is_file():
+            raise InputError(f"tensor {tensor.name!r}: external data file {location!r} not found")
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Every TensorProto in the main graph and its subgraphs (initializers and attributes)."""
+
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from walk(attr.g)
+                for g in attr.graphs:
+                    yield from walk(g)
+
+    yield from walk(model.graph)
+
+
+def _check_declared_shapes(model: onnx.ModelProto) -> None:
+    for vi in list(model.graph.input) + list(model.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and not 0 <= d.dim_value < MAX_DECLARED_DIM:
+                raise InputError(f"{vi.name!r} declares an absurd dimension {d.dim_value}")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX model; any defect becomes one InputError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such model file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish types, ...
+        raise InputError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not model.graph.node:
+        raise InputError(f"{p}: not a valid ONNX model (empty graph)")
+    _check_external_data(model, p.parent)
+    _check_declared_shapes(model)
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{p}: invalid ONNX model: {msg[:200]}") from None
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Serialise atomically (temp file + rename). Serialisation is deterministic for a given proto."""
+    data = model.SerializeToString(deterministic=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset version."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> int:
+    """Legacy graphs list initializers as graph inputs; treat them as constants. Returns the count."""
+    inits = {t.name for t in model.graph.initializer}
+    keep = [vi for vi in model.graph.input if vi.name not in inits]
+    dropped = len(model.graph.input) - len(keep)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    return dropped
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold and clean the graph with onnxsim (folds ConstantOfShape weights, fuses BN)."""
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as exc:
+        raise InputError(f"model could not be simplified: {str(exc).splitlines()[0][:200]}") from None
+    if not ok:
+        raise InputError("model could not be simplified: onnxsim's check failed")
+    return simplified
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = MIN_QDQ_OPSET) -> onnx.ModelProto:
+    """Convert to `target` opset when older: per-channel QDQ is invalid before opset 13."""
+    if opset_of(model) >= target:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, target)
+    except Exception as exc:
+        raise InputError(f"cannot upgrade model from opset {opset_of(model)} to {target}: {str(exc)[:200]}") from None
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers by name."""
+    return {t.name: t for t in model.graph.initializer}
+
+
+def float_weight_names(model: onnx.ModelProto) -> list[str]:
+    """Float initializers used as input 1 of a weight op, in order of first consumer."""
+    inits = initializer_map(model)
+    seen: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1:
+            name = node.input[1]
+            if name in inits and inits[name].data_type == onnx.TensorProto.FLOAT:
+                seen.setdefault(name, None)
+    return list(seen)
+
+
+@dataclass
+class QWeight:
+    """One int8 weight tensor of a QDQ model and everything needed to remap it.
+
+    `axis` is the per-channel (output channel) axis of the DequantizeLinear; the bias fields
+    name the int32 bias initializer of the consuming op, when there is one.
+    """
+
+    name: str  # int8 initializer
+    op_type: str  # consuming op
+    node_name: str
+    activation: str  # the consumer's input 0 (float, after its DequantizeLinear)
+    scale: np.ndarray  # float32, one per channel (or scalar)
+    axis: int
+    shape: tuple[int, ...]
+    attrs: dict
+    bias: str | None = None  # int32 initializer
+    bias_scale: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def qdq_weights(model: onnx.ModelProto) -> list[QWeight]:
+    """The int8 weight table: DequantizeLinear(int8 initializer) -> input 1 of a weight op.
+
+    Order is that of the first consuming node (DESIGN.md's `linear` layout order).
+    """
+    inits = initializer_map(model)
+    dq_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    table: dict[str, QWeight] = {}
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+            continue
+        dq = dq_by_output.get(node.input[1])
+        if dq is None or dq.input[0] not in inits:
+            continue
+        w = inits[dq.input[0]]
+        if w.data_type != onnx.TensorProto.INT8 or dq.input[0] in table:
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
+        if zp is not None and np.any(zp != 0):
+            raise InputError(f"weight {dq.input[0]!r} has a non-zero zero point; harden expects symmetric int8 weights")
+        axis = int(_attrs(dq).get("axis", 1))
+        bias = bias_scale = None
+        if len(node.input) > 2 and node.input[2]:
+            bdq = dq_by_output.get(node.input[2])
+            if bdq is not None and bdq.input[0] in inits and inits[bdq.input[0]].data_type == onnx.TensorProto.INT32:
+                bias = bdq.input[0]
+                bias_scale = numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float32)
+        act = node.input[0]
+        table[dq.input[0]] = QWeight(
+            name=dq.input[0],
+            op_type=node.op_type,
+            node_name=node.name,
+            activation=act,
+            scale=scale,
+            axis=axis if scale.ndim else 0,
+            shape=tuple(w.dims),
+            attrs=_attrs(node),
+            bias=bias,
+            bias_scale=bias_scale,
+        )
+    return list(table.values())
+
+
+def is_qdq_int8(model: onnx.ModelProto) -> bool:
+    """True when the model already carries int8 QDQ weights (apply then goes straight to FAQ)."""
+    return bool(qdq_weights(model))
+
+
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Replace an initializer's data in place, keeping its name and dtype."""
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            new = numpy_helper.from_array(value.astype(numpy_helper.to_array(t).dtype, copy=False), name)
+            model.graph.initializer[i].CopyFrom(new)
+            return
+    raise KeyError(name)
+
+
+def get_initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """An initializer as a numpy array."""
+    return numpy_helper.to_array(initializer_map(model)[name])
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set (or replace) one metadata_props entry."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """metadata_props as a dict."""
+    return {p.key: p.value for p in model.metadata_props}

@@ -1,0 +1,157 @@
+"""FAQ for one chip: lay the int8 weights out in memory, remap the ones on faulty words.
+
+Steps (METHODS.md section 1, DESIGN.md step 5, issue 2):
+1. `linear` layout of the int8 weight tensors; the chip's stuck masks under every weight.
+2. One FAQ lookup table for the fault patterns present.
+3. Per weight tensor, per group of output rows: error feedback onto healthy weights with the
+   calibration Hessian (optional), then the table gather, then bias correction of the mean
+   residual error (optional).
+4. `harden.memory_map`, `harden.faultmap` and `harden.version` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from ..compensate import bias_delta, inverse_hessian, remap_rows
+from ..faq_table import FAQTable, faq_remap, pattern_keys, read_back
+from ..faultmap import FaultMap
+from ..layer_stats import collect, rows_to_weight, supported, weight_rows
+from ..memory import MemoryMap, linear_layout
+from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_metadata
+from . import PassContext, PassResult
+
+INT32 = np.iinfo(np.int32)
+
+
+def memory_map_for(model: onnx.ModelProto, num_words: int) -> MemoryMap:
+    """The default (linear) layout of a QDQ model's int8 weights."""
+    return linear_layout([(w.name, w.size) for w in qdq_weights(model)], num_words)
+
+
+def faultmap_record(fm: FaultMap) -> dict:
+    """The `harden.faultmap` metadata value."""
+    return {"crc32": fm.crc32, "num_words": fm.num_words, "num_records": fm.num_records, "chip_id": fm.chip_id}
+
+
+def _targets(w: QWeight, codes: np.ndarray, float_weight: np.ndarray | None) -> np.ndarray:
+    """What each weight should read back as, in code units: the float weight / scale if known."""
+    if float_weight is None:
+        return codes.astype(np.float32)
+    scale = w.scale
+    if scale.ndim:
+        shape = [1] * len(w.shape)
+        shape[w.axis] = -1
+        scale = scale.reshape(shape)
+    return (float_weight / scale).astype(np.float32)
+
+
+def _row_scale(w: QWeight, rows: int) -> np.ndarray:
+    return np.broadcast_to(w.scale.astype(np.float64).ravel(), (rows,)) if w.scale.size in (1, rows) else np.ones(rows)
+
+
+class FAQPass:
+    """Fault-aware quantization for one chip, with error feedback and bias correction."""
+
+    name = "faq"
+
+    def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256):
+        self.faultmap = faultmap
+        self.compensate = compensate
+        self.bias_correction = bias_correction
+        self.calib_samples = calib_samples
+
+    def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        fm = self.faultmap
+        weights = qdq_weights(model)
+        mm = memory_map_for(model, fm.num_words)
+        t0 = time.perf_counter()
+        sa0_s, sa1_s = mm.stream_masks(fm)
+        faulty_s = np.flatnonzero((sa0_s | sa1_s) != 0)
+        table = FAQTable.build(pattern_keys(sa0_s[faulty_s], sa1_s[faulty_s]))
+        t_table = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        need_stats = self.compensate or self.bias_correction
+        stats = collect(model, weights, ctx.calib.take(self.calib_samples), with_hessian=self.compensate) if need_stats else {}
+        t_stats = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        layers, totals = [], {"weights": 0, "on_faulty_words": 0, "changed": 0, "forced": 0, "bias_corrected": 0}
+        for w in weights:
+            slot = mm.slot(w.name)
+            s0 = sa0_s[slot.offset : slot.offset + slot.count].reshape(w.shape)
+            s1 = sa1_s[slot.offset : slot.offset + slot.count].reshape(w.shape)
+            plain = get_initializer(model, w.name)
+            targets = _targets(w, plain, ctx.float_weights.get(w.name))
+            codes, forced, bias_fix = self._remap_tensor(w, targets, plain, s0, s1, table, stats.get(w.name))
+            set_initializer(model, w.name, codes)
+            if bias_fix is not None and w.bias is not None:
+                b = get_initializer(model, w.bias).astype(np.int64)
+                b += np.rint(bias_fix / np.broadcast_to(w.bias_scale.astype(np.float64), b.shape)).astype(np.int64)
+                set_initializer(model, w.bias, np.clip(b, INT32.min, INT32.max).astype(np.int32))
+            faulty = (s0 | s1) != 0
+            err_plain = read_back(plain, s0, s1).astype(np.float64) - targets
+            err_hard = read_back(codes, s0, s1).astype(np.float64) - targets
+            layer = {
+                "tensor": w.name,
+                "op": w.op_type,
+                "weights": w.size,
+                "on_faulty_words": int(faulty.sum()),
+                "changed": int((codes != plain).sum()),
+                "forced": forced,
+                "bias_corrected": bool(bias_fix is not None and w.bias is not None),
+                "rms_error_plain": round(float(np.sqrt(np.mean(err_plain**2))), 5),
+                "rms_error_faq": round(float(np.sqrt(np.mean(err_hard**2))), 5),
+            }
+            layers.append(layer)
+            for k in ("weights", "on_faulty_words", "changed", "forced"):
+                totals[k] += layer[k]
+            totals["bias_corrected"] += int(layer["bias_corrected"])
+        t_remap = time.perf_counter() - t0
+
+        set_metadata(model, "harden.memory_map", mm.to_json())
+        set_metadata(model, "harden.faultmap", json.dumps(faultmap_record(fm)))
+        set_metadata(model, "harden.version", __version__)
+        record = {
+            **totals,
+            "compensation": self.compensate,
+            "bias_correction": self.bias_correction,
+            "table_patterns": int(table.values.shape[0]),
+            "timings": {"table": round(t_table, 4), "calibration_stats": round(t_stats, 4), "remap": round(t_remap, 4)},
+            "layers": layers,
+        }
+        return PassResult(model, True, record)
+
+    def _remap_tensor(self, w, targets, plain, s0, s1, table, stats):
+        """Codes for one tensor; returns (codes, forced count, per-row float bias fix or None)."""
+        if stats is None or not supported(w):
+            faq = faq_remap(targets.ravel(), s0.ravel(), s1.ravel(), table).reshape(w.shape)
+            # Without compensation the healthy words keep the quantizer's own codes.
+            return np.where((s0 | s1) != 0, faq, plain).astype(np.int8), 0, None
+        t_rows, s0_rows, s1_rows = (weight_rows(w, a) for a in (targets, s0, s1))
+        n_rows = t_rows.shape[0]
+        per_group = n_rows // stats.groups
+        codes_rows = np.empty(t_rows.shape, np.int8)
+        fix = np.zeros(n_rows)
+        forced = 0
+        scale = _row_scale(w, n_rows)
+        hessians = stats.hessian() if self.compensate else None
+        for g in range(stats.groups):
+            sl = slice(g * per_group, (g + 1) * per_group)
+            hinv = inverse_hessian(hessians[g]) if hessians is not None else None
+            if hinv is None:
+                faq = faq_remap(t_rows[sl].ravel(), s0_rows[sl].ravel(), s1_rows[sl].ravel(), table).reshape(t_rows[sl].shape)
+                codes_rows[sl] = np.where((s0_rows[sl] | s1_rows[sl]) != 0, faq, weight_rows(w, plain)[sl])
+            else:
+                codes_rows[sl], f = remap_rows(t_rows[sl].astype(np.float64), s0_rows[sl], s1_rows[sl], table, hinv)
+                forced += f
+            if self.bias_correction:
+                fix[sl] = bias_delta(t_rows[sl], codes_rows[sl], stats.mean[g], scale[sl])
+        codes = rows_to_weight(w, codes_rows)
+        return np.ascontiguousarray(codes), forced, fix if self.bias_correction else None

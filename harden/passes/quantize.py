@@ -1,0 +1,131 @@
+"""Static int8 QDQ quantization with onnxruntime.quantization.
+
+Per-channel symmetric int8 weights (DESIGN.md step 4), uint8 activations calibrated (MinMax) on
+the calibration data. We use onnxruntime's quantizer rather than our own: it is the reference
+for what onnxruntime will fuse into QLinearConv / QGemm, which is what we then simulate.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..data import Dataset
+from ..errors import InputError
+from ..model import WEIGHT_OPS, float_weight_names, initializer_map, qdq_weights
+from ..runtime import batch_size_for
+from . import PassContext, PassResult
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a Dataset (consumed once, as ORT expects)."""
+
+    def __init__(self, data: Dataset, batch_size: int, fixed: bool):
+        self._it = iter(list(data.batches(batch_size)))
+        self._batch, self._fixed = batch_size, fixed
+
+    def get_next(self):
+        feeds = next(self._it, None)
+        if feeds is not None and self._fixed:
+            n = len(next(iter(feeds.values())))
+            if n < self._batch:
+                feeds = {k: np.concatenate([v, np.repeat(v[-1:], self._batch - n, axis=0)]) for k, v in feeds.items()}
+        return feeds
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (quantization keeps names, we map weights through them)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+class QuantizePass:
+    """Float model -> int8 QDQ model; leaves float weights in ctx for FAQ."""
+
+    name = "quantize"
+
+    def __init__(self, calibrate_method: str = "minmax"):
+        self.calibrate_method = calibrate_method
+
+    def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        if not float_weight_names(model):
+            raise InputError("the model has no Conv, ConvTranspose, Gemm or MatMul weights to quantize")
+        name_nodes(model)
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+        reader = _Reader(ctx.calib, batch_size_for(model, 64), _has_fixed_batch(model))
+        logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer logs pre-processing advice at WARNING
+        try:
+            with tempfile.TemporaryDirectory(prefix="harden-q-") as tmp:
+                out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
+                # A path, not the proto: quantize_static moves a proto's weights to external data.
+                onnx.save(model, str(src))
+                quantize_static(
+                    src,
+                    out,
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=methods[self.calibrate_method],
+                    op_types_to_quantize=None,
+                    extra_options={
+                        "WeightSymmetric": True,
+                        "ActivationSymmetric": False,
+                        "TensorQuantOverrides": ctx.quant_overrides,
+                    },
+                )
+                qmodel = onnx.load(str(out))
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"quantization failed: {str(exc).splitlines()[0][:200]}") from None
+        finally:
+            root.setLevel(level)
+        ctx.float_weights.update(_float_weights_by_int8(model, qmodel))
+        table = qdq_weights(qmodel)
+        if not table:
+            raise InputError("quantization produced no int8 weights (no quantizable Conv/Gemm/MatMul)")
+        return PassResult(
+            qmodel,
+            True,
+            {
+                "int8_tensors": len(table),
+                "int8_weights": int(sum(w.size for w in table)),
+                "activation_type": "uint8",
+                "calibration": self.calibrate_method,
+                "calibration_samples": len(ctx.calib),
+            },
+        )
+
+
+def _has_fixed_batch(model: onnx.ModelProto) -> bool:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return bool(dims) and dims[0].HasField("dim_value")
+
+
+def _float_weights_by_int8(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Map each int8 weight initializer to its float original, through the consuming node's name."""
+    finits = initializer_map(fmodel)
+    fnodes = {n.name: n for n in fmodel.graph.node if n.op_type in WEIGHT_OPS}
+    out = {}
+    for w in qdq_weights(qmodel):
+        node = fnodes.get(w.node_name)
+        if node is not None and len(node.input) > 1 and node.input[1] in finits:
+            arr = numpy_helper.to_array(finits[node.input[1]])
+            if arr.shape == w.shape:
+                out[w.name] = arr.astype(np.float32)
+    return out

@@ -1,0 +1,104 @@
+"""onnxruntime sessions: creation, batched inference and capture of intermediate tensors."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import Dataset
+from .errors import InputError
+
+
+def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session for an in-memory model (warnings silenced: they are not the user's)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0][:200]}") from None
+
+
+def batch_size_for(model: onnx.ModelProto, preferred: int = 64) -> int:
+    """The batch size to feed: the model's fixed batch dimension, else `preferred`."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return preferred
+
+
+def run_batched(
+    sess: ort.InferenceSession,
+    data: Dataset,
+    batch_size: int,
+    outputs: list[str] | None = None,
+    extra_feeds: dict[str, np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Run the whole dataset and concatenate each requested output along the batch axis.
+
+    A fixed-batch model gets its last partial batch padded and trimmed.
+    """
+    names = outputs or [o.name for o in sess.get_outputs()]
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    for feeds in data.batches(batch_size):
+        n = len(next(iter(feeds.values())))
+        if n < batch_size and _fixed_batch(sess):
+            feeds = {k: _pad(v, batch_size) for k, v in feeds.items()}
+        if extra_feeds:
+            feeds = {**feeds, **extra_feeds}
+        for i, out in enumerate(sess.run(names, feeds)):
+            chunks[i].append(out[:n])
+    return [np.concatenate(c) for c in chunks]
+
+
+def _fixed_batch(sess: ort.InferenceSession) -> bool:
+    shape = sess.get_inputs()[0].shape
+    return bool(shape) and isinstance(shape[0], int)
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    reps = np.repeat(a[-1:], n - len(a), axis=0)
+    return np.concatenate([a, reps])
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model that also outputs the named intermediate float tensors."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in existing:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            existing.add(name)
+    return m
+
+
+def capture(
+    model: onnx.ModelProto,
+    data: Dataset,
+    tensors: list[str],
+    on_batch: Callable[[dict[str, np.ndarray]], None],
+    batch_size: int = 32,
+) -> None:
+    """Run `data` through `model` and hand each batch's intermediate `tensors` to `on_batch`.
+
+    Streaming keeps memory bounded by one batch of activations, whatever the dataset size.
+    """
+    m = with_outputs(model, tensors)
+    sess = session(m, optimize=False)
+    bs = batch_size_for(model, batch_size)
+    for feeds in data.batches(bs):
+        n = len(next(iter(feeds.values())))
+        if n < bs and _fixed_batch(sess):
+            feeds = {k: _pad(v, bs) for k, v in feeds.items()}
+        outs = sess.run(tensors, feeds)
+        on_batch({name: o[:n] for name, o in zip(tensors, outs)})

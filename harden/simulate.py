@@ -1,0 +1,96 @@
+"""Evaluate int8 QDQ models as a chip would read them, on onnxruntime.
+
+One session per model: the int8 weight tensors and int32 biases become graph inputs
+(METHODS.md section 6: onnxruntime still fuses the QDQ groups and the outputs are
+bit-identical to constant weights), so any number of read-back variants are just feeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .data import Dataset, accuracy, top1
+from .faq_table import read_back
+from .faultmap import FaultMap
+from .memory import MemoryMap
+from .model import get_initializer, qdq_weights
+from .runtime import batch_size_for, run_batched, session
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose named initializers are graph inputs instead."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep, moved = [], []
+    wanted = set(names)
+    for t in m.graph.initializer:
+        (moved if t.name in wanted else keep).append(t)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    for t in moved:
+        m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
+@dataclass
+class Reference:
+    """What predictions are scored against: labels, or the float model's top-1 (agreement)."""
+
+    target: np.ndarray
+    kind: str  # "labels" or "agreement"
+
+
+class ChipEvaluator:
+    """Top-1 accuracy of one QDQ graph under any int8 weight / int32 bias values.
+
+    Built once per model structure; `evaluate(weights, biases)` costs one inference pass.
+    """
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, reference: Reference):
+        self.table = qdq_weights(model)
+        self.weight_names = [w.name for w in self.table]
+        self.bias_names = [w.bias for w in self.table if w.bias]
+        self.defaults = {n: get_initializer(model, n) for n in self.weight_names + self.bias_names}
+        self.session = session(weights_as_inputs(model, self.weight_names + self.bias_names))
+        self.data = data
+        self.reference = reference
+        self.batch = batch_size_for(model, 256)
+
+    def predictions(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        feeds = {**self.defaults, **(values or {})}
+        (logits,) = run_batched(self.session, self.data, self.batch, [self.session.get_outputs()[0].name], feeds)
+        return top1(logits)
+
+    def evaluate(self, values: dict[str, np.ndarray] | None = None) -> float:
+        """Accuracy (or agreement) with the given weights/biases (defaults: the model's own)."""
+        return accuracy(self.predictions(values), self.reference.target)
+
+
+def model_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """The named initializers of a model (weights and biases to feed an evaluator)."""
+    return {n: get_initializer(model, n) for n in names}
+
+
+def read_through_chip(values: dict[str, np.ndarray], memory_map: MemoryMap, faultmap: FaultMap) -> dict[str, np.ndarray]:
+    """The int8 weights as the chip returns them: read(v) = (v & ~sa0) | sa1 at each address."""
+    sa0, sa1 = memory_map.stream_masks(faultmap)
+    out = dict(values)
+    for slot in memory_map.tensors:
+        v = values[slot.name]
+        sl = slice(slot.offset, slot.offset + slot.count)
+        out[slot.name] = read_back(v.ravel(), sa0[sl], sa1[sl]).reshape(v.shape)
+    return out
+
+
+def float_reference(model: onnx.ModelProto, data: Dataset) -> tuple[float | None, Reference]:
+    """Run the float model; score against labels when present, else against itself."""
+    sess = session(model)
+    (logits,) = run_batched(sess, data, batch_size_for(model, 256), [sess.get_outputs()[0].name])
+    pred = top1(logits)
+    if data.labels is not None:
+        return accuracy(pred, data.labels), Reference(data.labels, "labels")
+    return 1.0, Reference(pred, "agreement")
