@@ -28,12 +28,7 @@ def main() -> None:
 
 def _register() -> None:
     """Attach the command modules; each adds its commands to `main`."""
-    from . import faultmap_cmd  # noqa: F401
-
-    try:
-        from . import apply_cmd  # noqa: F401
-    except ImportError:  # pragma: no cover - during bring-up
-        pass
+    from . import apply_cmd, faultmap_cmd  # noqa: F401
 
 
 _register()

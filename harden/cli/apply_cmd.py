@@ -1,0 +1,62 @@
+"""`harden apply`: the main job."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..pipeline import ApplyOptions, apply
+from ..report import summary_table, to_json
+from . import main
+from ._common import quiet_option, show_progress
+
+
+@main.command("apply")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--faultmap", "faultmap", required=True, type=click.Path(dir_okay=False), help="The chip's fault map (HFM1, or CSV address,bit,stuck).")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name, optional 'label').")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Hardened model path. Default: MODEL.hardened.onnx beside MODEL.")
+@click.option("--report", "report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out data for the accuracy figures (default: --data).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for everything random.")
+@click.option("--clip/--no-clip", default=True, show_default=True, help="Hybrid clipped activations.")
+@click.option("--clip-style", type=click.Choice(["zero", "saturate"]), default="zero", show_default=True)
+@click.option("--clip-percentile", type=click.FloatRange(50, 100), default=100.0, show_default=True, help="Threshold = this percentile of calibration activations.")
+@click.option("--compensation/--no-compensation", default=True, show_default=True, help="Error feedback of unfixable faults onto healthy weights.")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
+@click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True, help="Samples used for the compensation statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
+@quiet_option
+def apply_command(model, faultmap, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
+                  compensation, bias_correction, calib_samples, as_json, quiet):
+    """Harden MODEL for the chip whose faults are in --faultmap.
+
+    Simplifies the model, clips its activations, quantizes it to int8 (QDQ), remaps every weight
+    on a faulty word with fault-aware quantization plus error feedback and bias correction,
+    then measures plain and hardened int8 as this chip would read them back.
+
+    \b
+    Example:
+      harden apply samples/model.onnx --faultmap samples/chip.bin \\
+          --data samples/calib.npz --eval-data samples/test.npz \\
+          -o model.hardened.onnx --report report.json
+    """
+    opts = ApplyOptions(
+        clip=clip,
+        clip_style=clip_style,
+        clip_percentile=clip_percentile,
+        compensation=compensation,
+        bias_correction=bias_correction,
+        calib_samples=calib_samples,
+        seed=seed,
+    )
+    progress = None
+    if show_progress(quiet):
+        progress = lambda stage: click.echo(f"  ... {stage}", err=True)  # noqa: E731
+    result = apply(model, faultmap, data, output, report_path=report, eval_data_path=eval_data, options=opts, progress=progress)
+    if as_json:
+        sys.stdout.write(to_json(result.report))
+    elif not quiet:
+        click.echo(summary_table(result.report))
+        click.echo(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
