@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .faq_table import FAQTable, faq_remap, read_back
+from .faq_table import FAQTable, faq_remap
+from .faultmap import read_back
 
 DAMPENING = 0.01  # fraction of mean(diag(H)) added to the diagonal, as GPTQ does
 _CHUNK_BYTES = 64 << 20

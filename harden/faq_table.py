@@ -21,14 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 NUM_BINS = 512  # half-step bins covering code units [-128, 128)
 _CODES = np.arange(256, dtype=np.uint8)
-
-
-def read_back(stored: np.ndarray, sa0: np.ndarray, sa1: np.ndarray) -> np.ndarray:
-    """What the chip returns for int8 codes `stored` on words with stuck masks sa0 / sa1."""
-    u = stored.view(np.uint8) if stored.dtype == np.int8 else stored.astype(np.uint8)
-    return ((u & ~sa0) | sa1).view(np.int8)
 
 
 def pattern_keys(sa0: np.ndarray, sa1: np.ndarray) -> np.ndarray:

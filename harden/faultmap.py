@@ -73,7 +73,10 @@ def _first_record_problem(
     a = int(addresses[i])
     if bad_order[i]:
         prev = int(addresses[i - 1])
-        what = f"duplicate address {a}" if a == prev else f"address {a} is not greater than the previous address {prev}"
+        if a == prev:
+            what = f"duplicate address {a}"
+        else:
+            what = f"address {a} is not greater than the previous address {prev}"
         return i, "address", f"{what} (addresses must be strictly increasing)"
     if bad_addr[i]:
         return i, "address", f"address {a} is out of range (must be < num_words = {num_words})"
@@ -111,20 +114,20 @@ class FaultMap:
         if not isinstance(self.meta, dict):
             raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
         object.__setattr__(self, "num_words", int(self.num_words))
-        arrays = {}
         for name, dtype in (("addresses", np.uint64), ("sa0", np.uint8), ("sa1", np.uint8)):
             arr = np.asarray(getattr(self, name))
             if arr.ndim != 1:
                 raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
             if arr.size and arr.dtype.kind not in "ui":
                 raise ValueError(f"{name} must hold integers, got {arr.dtype}")
+            if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(dtype).max):
+                raise ValueError(f"{name} must be in [0, {np.iinfo(dtype).max}]")
             arr = np.array(arr, dtype=dtype)  # an owned, native-order copy
             arr.flags.writeable = False
-            arrays[name] = arr
             object.__setattr__(self, name, arr)
-        if not arrays["addresses"].shape == arrays["sa0"].shape == arrays["sa1"].shape:
+        if not self.addresses.shape == self.sa0.shape == self.sa1.shape:
             raise ValueError("addresses, sa0 and sa1 must have the same length")
-        problem = _first_record_problem(arrays["addresses"], arrays["sa0"], arrays["sa1"], self.num_words)
+        problem = _first_record_problem(self.addresses, self.sa0, self.sa1, self.num_words)
         if problem is not None:
             raise ValueError(f"record {problem[0]}: {problem[2]}")
 
@@ -291,7 +294,8 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> FaultMap:
     try:
         meta = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise fail(off_meta + len(text[: exc.pos].encode()), f"metadata is not valid JSON ({exc.msg})") from None
+        at = off_meta + len(text[: exc.pos].encode())
+        raise fail(at, f"metadata is not valid JSON ({exc.msg})") from None
     except ValueError as exc:
         raise fail(off_meta, f"metadata is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
@@ -418,7 +422,8 @@ def _csv_syntax_error(lines: list[str], line_no: np.ndarray, source: str, exc: V
     for n in line_no:
         line = lines[n - 1]
         if not _CSV_LINE.fullmatch(line) or any(abs(int(v)) >= 2**63 for v in line.split(",")):
-            return InputError(f"{source}: line {n}: expected three integers 'address,bit,stuck', got {line.strip()[:60]!r}")
+            got = line.strip()[:60]
+            return InputError(f"{source}: line {n}: expected three integers 'address,bit,stuck', got {got!r}")
     return InputError(f"{source}: cannot parse the CSV: {exc}")
 
 
@@ -427,7 +432,8 @@ def faultmap_to_csv(fm: FaultMap) -> str:
     rows = []
     for stuck, masks in ((0, fm.sa0), (1, fm.sa1)):
         rec, bit = np.nonzero(np.unpackbits(masks[:, None], axis=1, bitorder="little"))
-        rows.append(np.stack([fm.addresses[rec], bit.astype(np.uint64), np.full(rec.shape, stuck, np.uint64)], 1))
+        stuck_col = np.full(rec.shape, stuck, np.uint64)
+        rows.append(np.stack([fm.addresses[rec], bit.astype(np.uint64), stuck_col], axis=1))
     table = np.concatenate(rows)
     table = table[np.lexsort((table[:, 1], table[:, 0]))]
     out = io.StringIO()
@@ -456,6 +462,10 @@ def _sample_without_replacement(rng: np.random.Generator, population: int, k: in
     return chosen
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def generate_uniform(
     num_words: int, rate: float, seed: int, meta: dict | None = None, p_sa1: float = 0.5
 ) -> FaultMap:
@@ -465,13 +475,13 @@ def generate_uniform(
     Only the faulty cells are drawn (a binomial count, then distinct positions), so a large,
     sparsely faulty memory costs memory in proportion to its faults. Deterministic per seed.
     """
-    if isinstance(num_words, bool) or not isinstance(num_words, (int, np.integer)) or not 1 <= num_words <= 2**56:
+    if not _is_int(num_words) or not 1 <= num_words <= 2**56:
         raise InputError(f"the number of words must be an integer in [1, 2**56], got {num_words!r}")
     if not isinstance(rate, (int, float, np.floating)) or not 0.0 <= rate <= 1.0:
         raise InputError(f"the fault rate must be in [0, 1], got {rate!r}")
     if not isinstance(p_sa1, (int, float, np.floating)) or not 0.0 <= p_sa1 <= 1.0:
         raise InputError(f"the stuck-at-1 fraction must be in [0, 1], got {p_sa1!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise InputError(f"the seed must be a non-negative integer, got {seed!r}")
     num_words, rate, seed = int(num_words), float(rate), int(seed)
     rng = np.random.default_rng(seed)

@@ -114,6 +114,8 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> int:
     if dropped:
         del model.graph.input[:]
         model.graph.input.extend(keep)
+        # IR < 4 requires every initializer to be an input; 4 is the first that does not.
+        model.ir_version = max(model.ir_version, 4)
     return dropped
 
 

@@ -22,7 +22,7 @@ import onnx
 from . import __version__
 from .data import Dataset, load_npz
 from .errors import InputError
-from .faultmap import FaultMap, read_faultmap
+from .faultmap import CSV_HEADER, FaultMap, read_faultmap
 from .fileio import atomic_write_text, check_output_path
 from .model import drop_initializer_inputs, is_qdq_int8, load_model, opset_of, qdq_weights, save_model, simplify, upgrade_opset
 from .passes import PassContext, run_passes
@@ -108,7 +108,7 @@ def apply(
     model = load_model(model_path)
     calib = load_npz(data_path, model, role="calibration data")
     evald = load_npz(eval_data_path, model, role="evaluation data") if eval_data_path else calib
-    fm = read_faultmap(faultmap_path, None) if _is_hfm1(faultmap_path) else None
+    fm = None if _is_csv(faultmap_path) else read_faultmap(faultmap_path, None)
 
     records: list[dict] = []
     already_int8 = is_qdq_int8(model)
@@ -203,12 +203,14 @@ def evaluate_on_chip(float_model, plain: onnx.ModelProto, hardened: onnx.ModelPr
     }
 
 
-def _is_hfm1(path: str | os.PathLike) -> bool:
+def _is_csv(path: str | os.PathLike) -> bool:
+    """A CSV map (read once the memory size is known); anything else is read and checked now."""
     try:
         with open(path, "rb") as fh:
-            return fh.read(4) == b"HFM1"
+            first_line = fh.read(64).split(b"\n", 1)[0]
     except OSError:
-        return True  # let read_faultmap produce the error message
+        return False  # let read_faultmap produce the error message
+    return first_line.strip().removeprefix(b"\xef\xbb\xbf") == CSV_HEADER.encode()
 
 
 def _file_record(path: str | os.PathLike | None) -> dict:

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .data import Dataset, accuracy, top1
-from .faq_table import read_back
-from .faultmap import FaultMap
+from .faultmap import FaultMap, read_back
 from .memory import MemoryMap
 from .model import get_initializer, qdq_weights
 from .runtime import batch_size_for, run_batched, session

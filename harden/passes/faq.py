@@ -19,8 +19,8 @@ import onnx
 
 from .. import __version__
 from ..compensate import bias_delta, inverse_hessian, remap_rows
-from ..faq_table import FAQTable, faq_remap, pattern_keys, read_back
-from ..faultmap import FaultMap
+from ..faq_table import FAQTable, faq_remap, pattern_keys
+from ..faultmap import FaultMap, read_back
 from ..layer_stats import collect, rows_to_weight, supported, weight_rows
 from ..memory import MemoryMap, linear_layout
 from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_metadata
