@@ -78,6 +78,9 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto, *, role: str = "da
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such {role} file")
+    # np.load takes any other file (.npy, text, a pickle) too; only a zip of .npy arrays is a .npz.
+    if not zipfile.is_zipfile(p):
+        raise InputError(f"{p}: not a readable .npz (not a zip archive of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -87,6 +90,9 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto, *, role: str = "da
         raise InputError(f"{p}: not a readable .npz ({str(exc)[:120]})") from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise InputError(f"{p}: not a readable .npz ({type(exc).__name__})") from None
+    odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if odd:  # np.load returns the raw bytes of a member that is not a .npy file
+        raise InputError(f"{p}: not a readable .npz (member(s) {odd} are not .npy arrays)")
     return check_dataset(arrays, model, source=str(p))
 
 

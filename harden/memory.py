@@ -118,6 +118,7 @@ def weight_count(model_path: str | os.PathLike) -> int:
         return sum(w.size for w in m.qdq_weights(proto))
     m.drop_initializer_inputs(proto)
     proto = m.simplify(proto)
+    m.constants_to_initializers(proto)
     inits = m.initializer_map(proto)
     names = m.float_weight_names(proto)
     if not names:

@@ -132,6 +132,26 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn tensor-valued Constant nodes into initializers (onnxsim keeps them as nodes), so a
+    weight made by a Constant is a weight like any other. Returns the count."""
+    keep, moved = [], 0
+    for node in model.graph.node:
+        attr = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in attr:
+            t = onnx.TensorProto()
+            t.CopyFrom(attr["value"].t)
+            t.name = node.output[0]
+            model.graph.initializer.append(t)
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int = MIN_QDQ_OPSET) -> onnx.ModelProto:
     """Convert to `target` opset when older: per-channel QDQ is invalid before opset 13."""
     if opset_of(model) >= target:

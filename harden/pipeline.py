@@ -24,7 +24,7 @@ from .data import Dataset, load_npz
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
 from .fileio import atomic_write_text, check_output_path
-from .model import drop_initializer_inputs, is_qdq_int8, load_model, opset_of, qdq_weights, save_model, simplify, upgrade_opset
+from .model import constants_to_initializers, drop_initializer_inputs, is_qdq_int8, load_model, opset_of, qdq_weights, save_model, simplify, upgrade_opset
 from .passes import PassContext, run_passes
 from .passes.clip import ClipPass
 from .passes.faq import FAQPass, memory_map_for
@@ -76,6 +76,7 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     record["initializer_inputs_dropped"] = drop_initializer_inputs(model)
     nodes_in = len(model.graph.node)
     model = simplify(model)
+    record["constants_to_initializers"] = constants_to_initializers(model)
     model = upgrade_opset(model)
     record.update(nodes_in=nodes_in, nodes_out=len(model.graph.node), opset_out=opset_of(model))
     return model, record
