@@ -83,8 +83,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from None
     if not model.graph.node:
         raise InputError(f"{p}: not a valid ONNX model (empty graph)")
-    _check_external_data(model, p.parent)
-    _check_declared_shapes(model)
+    try:
+        _check_external_data(model, p.parent)
+        _check_declared_shapes(model)
+    except InputError as exc:
+        raise InputError(f"{p}: {exc}") from None
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
         onnx.checker.check_model(model, full_check=False)

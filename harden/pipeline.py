@@ -104,6 +104,8 @@ def apply(
     if write:
         check_output_path(out_path, model_path, faultmap_path, data_path, eval_data_path)
         if report_path is not None:
+            if Path(report_path).resolve() == out_path.resolve():
+                raise InputError(f"--report {report_path} is the same path as the output model")
             check_output_path(report_path, model_path, faultmap_path, data_path, eval_data_path, out_path)
     say("load")
     model = load_model(model_path)
