@@ -200,6 +200,7 @@ def evaluate_on_chip(float_model, plain: onnx.ModelProto, hardened: onnx.ModelPr
     recovered = acc["hardened_on_chip"] - acc["int8_on_chip"]
     return {
         "reference": ref.kind,
+        "reference_model": "float" if float_model is not None else "int8",
         "samples": len(data),
         "accuracy": {k: (None if v is None else round(v, 6)) for k, v in acc.items()},
         "recovery": round(recovered / lost, 6) if lost > 0 else None,

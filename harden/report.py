@@ -21,7 +21,7 @@ def summary_table(report: dict) -> str:
     res = report["results"]
     acc = res["accuracy"]
     fm = report["inputs"]["faultmap"]
-    scored = "labels" if res["reference"] == "labels" else "top-1 agreement with the float model"
+    scored = "labels" if res["reference"] == "labels" else f"top-1 agreement with the {res.get('reference_model', 'float')} model"
     lines = [
         f"chip {fm.get('chip_id') or '?'}: {fm['num_words']} words, {fm['faulty_cells']} faulty cells "
         f"(rate {fm['rate']:.4f}), {fm['num_records']} faulty words",

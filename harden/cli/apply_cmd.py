@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..errors import GateFailed
 from ..pipeline import ApplyOptions, apply
 from ..report import summary_table, to_json
 from . import main
@@ -26,10 +27,12 @@ from ._common import quiet_option, show_progress
 @click.option("--compensation/--no-compensation", default=True, show_default=True, help="Error feedback of unfixable faults onto healthy weights.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
 @click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True, help="Samples used for the compensation statistics.")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), help="Gate: exit 1 if hardened accuracy on this chip is below this.")
+@click.option("--max-drop", type=click.FloatRange(0, 1), help="Gate: exit 1 if hardened-on-chip accuracy is more than this below fault-free int8.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
 @quiet_option
 def apply_command(model, faultmap, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, bias_correction, calib_samples, as_json, quiet):
+                  compensation, bias_correction, calib_samples, min_accuracy, max_drop, as_json, quiet):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
     Simplifies the model, clips its activations, quantizes it to int8 (QDQ), remaps every weight
@@ -40,7 +43,9 @@ def apply_command(model, faultmap, data, output, report, eval_data, seed, clip, 
     Example:
       harden apply samples/model.onnx --faultmap samples/chip.bin \\
           --data samples/calib.npz --eval-data samples/test.npz \\
-          -o model.hardened.onnx --report report.json
+          -o model.hardened.onnx --report report.json --min-accuracy 0.95
+
+    The outputs are written even when a gate fails (exit 1), so a pipeline can keep the report.
     """
     opts = ApplyOptions(
         clip=clip,
@@ -60,3 +65,17 @@ def apply_command(model, faultmap, data, output, report, eval_data, seed, clip, 
     elif not quiet:
         click.echo(summary_table(result.report))
         click.echo(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
+    check_gates(result.report, min_accuracy, max_drop)
+
+
+def check_gates(report: dict, min_accuracy: float | None, max_drop: float | None) -> None:
+    """Raise GateFailed (exit 1) with one line when a resilience gate is not met."""
+    acc = report["results"]["accuracy"]
+    hardened = acc["hardened_on_chip"]
+    if min_accuracy is not None and hardened < min_accuracy:
+        raise GateFailed(f"gate failed: hardened accuracy on this chip {hardened:.4f} < --min-accuracy {min_accuracy}")
+    if max_drop is not None and acc["int8"] - hardened > max_drop:
+        raise GateFailed(
+            f"gate failed: hardened accuracy on this chip {hardened:.4f} is {acc['int8'] - hardened:.4f} below "
+            f"fault-free int8 {acc['int8']:.4f} (--max-drop {max_drop})"
+        )

@@ -1,0 +1,155 @@
+"""`harden simulate`: fault-injection campaigns on an int8 QDQ model, in onnxruntime."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..campaign import CampaignOptions, simulate
+from ..errors import InputError
+from ..report import to_json
+from . import main
+from ._common import quiet_option, show_progress
+
+
+def _show_trial(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    p, sep, t = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        point, trial = int(p), int(t)
+    except ValueError:
+        raise InputError(f"--show-trial takes POINT:TRIAL (two integers, e.g. 0:17), got {text!r}") from None
+    if point < 0 or trial < 0:
+        raise InputError(f"--show-trial: POINT and TRIAL must be >= 0, got {text!r}")
+    return point, trial
+
+
+@main.command("simulate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="Evaluation data (.npz keyed by input name, optional 'label'; without labels: top-1 agreement with the fault-free model).")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC",
+              help="Fault model and its points, repeatable: bitflip:RATE,... (int8 weights), bitflip-bias:RATE,... "
+                   "(int32 biases), stuckat:RATE,... (random stuck-at cells), chip:MAP.")
+@click.option("--faultmap", "faultmaps", multiple=True, type=click.Path(dir_okay=False), metavar="CHIP",
+              help="A chip's fault map (HFM1 or CSV) as one more point; repeatable. Same as --fault chip:CHIP.")
+@click.option("--trials", type=int, default=None, help="Trials per point [default: 100; with --margin, Leveugle's n for it]; the cap when --margin is given.")
+@click.option("--margin", type=float, default=None, help="Stop a point once its accuracy interval's half-width is within this margin, e.g. 0.01.")
+@click.option("--confidence", type=float, default=0.95, show_default=True, help="Confidence of --margin (and of Leveugle's n).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Campaign seed: trial T of point P draws from rng([seed, P, T]).")
+@click.option("--show-trial", "show_trial", metavar="POINT:TRIAL", help="Run only that trial and list its exact faults (tensor, index, bit).")
+@click.option("--report", "report", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
+@quiet_option
+def simulate_command(model, data, faults, faultmaps, trials, margin, confidence, seed, show_trial, report, as_json, quiet):
+    """Fault-injection campaign on an int8 QDQ MODEL, measured with onnxruntime.
+
+    Every point (one fault model at one rate, or one chip) runs --trials trials; trial T of
+    point P draws its faults from rng([seed, P, T]) alone, so --show-trial P:T re-derives it.
+    Reports accuracy (against labels, else top-1 agreement with the fault-free model) and
+    SDC-1 (top-1 changed, on the inputs the fault-free model gets right), each with mean,
+    standard deviation and a 95 % confidence interval.
+
+    MODEL must already be int8 QDQ (what harden apply writes); a float model is refused:
+    quantizing it here would need calibration data and choices that belong to apply.
+
+    \b
+    Examples:
+      harden simulate model.int8.onnx --data test.npz --fault bitflip:1e-4,1e-3,1e-2
+      harden simulate model.int8.onnx --data test.npz --fault stuckat:0.01,0.04 \\
+          --faultmap chip.bin --margin 0.01 --json > campaign.json
+      harden simulate model.int8.onnx --data test.npz --fault bitflip:1e-3 --show-trial 0:17
+    """
+    opts = CampaignOptions(trials=trials, margin=margin, confidence=confidence, seed=seed)
+    opts.validate()
+    trial = _show_trial(show_trial)
+    if report is not None:
+        from ..fileio import check_output_path
+
+        check_output_path(report, model, data, *faultmaps)
+
+    bar = None
+    progress = on_start = None
+    if trial is None and not as_json and show_progress(quiet):
+        def on_start(total: int) -> None:
+            nonlocal bar
+            bar = click.progressbar(length=total, label="trials", file=sys.stderr)
+            bar.__enter__()
+
+        def progress(n: int) -> None:
+            bar.update(n)
+
+    try:
+        result = simulate(model, data, faults, faultmaps, opts, progress=progress, on_start=on_start, show_trial=trial)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if report is not None:
+        from ..fileio import atomic_write_text
+
+        atomic_write_text(report, to_json(result.report))
+    if as_json:
+        sys.stdout.write(to_json(result.report))
+    elif not quiet:
+        click.echo(trial_table(result.report) if trial is not None else campaign_table(result.report))
+
+
+def _pct(v: float | None) -> str:
+    return "   n/a" if v is None else f"{100 * v:6.2f}%"
+
+
+def _ci(ci: list | None) -> str:
+    return "" if not ci else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+def _head(rep: dict) -> list[str]:
+    m, c = rep["model"], rep["clean"]
+    scored = "labels" if c["reference"] == "labels" else "top-1 agreement with the fault-free model"
+    return [
+        f"int8 model: {m['int8_weights']} weights in {m['int8_tensors']} tensors, "
+        f"{m['int32_biases']} int32 biases in {m['int32_bias_tensors']} tensors",
+        f"fault-free: accuracy {_pct(c['accuracy']).strip()} on {c['samples']} samples ({scored}); "
+        f"{c['correct']} correct",
+    ]
+
+
+def campaign_table(rep: dict) -> str:
+    """What `simulate` prints: one line per point with its figures and 95 % intervals."""
+    lines = _head(rep)
+    o = rep["options"]
+    lines.append(f"seed {o['seed']}" + (f", margin {o['margin']:g} at {o['confidence']:g}" if o["margin"] else ""))
+    w = max([len("point")] + [len(p["label"]) for p in rep["points"]])
+    lines.append(f"  {'#':>2} {'point':<{w}} {'trials':>6}  {'accuracy':>8} {'95% CI':<16} {'SDC-1':>8} {'95% CI':<16}")
+    for p in rep["points"]:
+        a, s = p["accuracy"], p["sdc1"]
+        trials = f"{p['trials']}" + ("*" if p["stopped_early"] else "")
+        lines.append(
+            f"  {p['index']:>2} {p['label']:<{w}} {trials:>6}  {_pct(a['mean'])} {_ci(a['ci95']):<16} "
+            f"{_pct(s['mean'] if s else None)} {_ci(s['ci95'] if s else None):<16}"
+        )
+    if any(p["stopped_early"] for p in rep["points"]):
+        lines.append("  * stopped early: the margin was met")
+    lines.append(f"{rep['seconds']:.2f}s; list the faults of any trial with --show-trial POINT:TRIAL")
+    return "\n".join(lines)
+
+
+def trial_table(rep: dict) -> str:
+    t = rep["trial"]
+    lines = _head(rep)
+    sdc = "n/a" if t["sdc1"] is None else f"{100 * t['sdc1']:.2f}%"
+    lines.append(
+        f"point {t['point']} ({t['label']}), trial {t['trial']} (rng {t['rng']}): accuracy {100 * t['accuracy']:.2f}%, "
+        f"SDC-1 {sdc}, {t['faulty_cells']} faulty cells"
+    )
+    lines.append(f"  {'tensor':<40} {'index':>8} {'bit':>3}  kind changes")
+    for f in t["faults"]:
+        ch = "" if f["changes"] is None else ("yes" if f["changes"] else "no")
+        lines.append(f"  {f['tensor']:<40} {f['index']:>8} {f['bit']:>3}  {f['kind']:<4} {ch}")
+    return "\n".join(lines)
+
+
+__all__ = ["simulate_command", "campaign_table", "trial_table"]
