@@ -1,0 +1,294 @@
+"""What every fault model shares: the weight space it injects into, and the injection it returns.
+
+A fault model (`FaultModel`) draws, from a numpy Generator, an `Injection`: which bits of which
+int8 weight / int32 bias elements are flipped or stuck. Injections are sparse: per tensor the
+sorted flat indices of the hit elements and one mask per element (`flip` is XORed on the unsigned
+view, then `(v & ~sa0) | sa1` forces stuck cells, as DESIGN.md reads a faulty word). Only the
+hit positions are ever drawn or stored; `apply` copies just the tensors that are hit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import onnx
+
+from ..memory import MemoryMap, linear_layout
+
+_UNSIGNED = {np.dtype(np.int8): np.dtype(np.uint8), np.dtype(np.int32): np.dtype(np.uint32)}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One injectable tensor: an int8 weight (`kind` "weight") or an int32 bias ("bias")."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    kind: str
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def bits(self) -> int:
+        """Bits per element (8 or 32)."""
+        return np.dtype(self.dtype).itemsize * 8
+
+    @property
+    def cells(self) -> int:
+        """Bit cells of the whole tensor."""
+        return self.size * self.bits
+
+    @property
+    def unsigned(self) -> np.dtype:
+        return _UNSIGNED[np.dtype(self.dtype)]
+
+
+@dataclass(frozen=True)
+class WeightSpace:
+    """The int8 weight tensors (in the `linear` layout order of DESIGN.md) and int32 biases of
+    a QDQ model: everything a fault model may hit."""
+
+    weights: tuple[Tensor, ...]
+    biases: tuple[Tensor, ...] = ()
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> "WeightSpace":
+        from ..model import initializer_map, qdq_weights
+
+        inits = initializer_map(model)
+        table = qdq_weights(model)
+        weights = tuple(Tensor(w.name, np.dtype(np.int8), tuple(w.shape), "weight") for w in table)
+        biases = tuple(
+            Tensor(w.bias, np.dtype(np.int32), tuple(inits[w.bias].dims), "bias") for w in table if w.bias
+        )
+        return cls(weights, biases)
+
+    def of_kind(self, kind: str) -> tuple[Tensor, ...]:
+        """"weight" or "bias" tensors."""
+        if kind == "weight":
+            return self.weights
+        if kind == "bias":
+            return self.biases
+        raise ValueError(f"unknown tensor kind {kind!r}")
+
+    @property
+    def weight_count(self) -> int:
+        """int8 weights, i.e. words of a weight memory that holds the model once."""
+        return sum(t.size for t in self.weights)
+
+    def memory_map(self, num_words: int) -> MemoryMap:
+        """The `linear` layout of the weights in a memory of num_words words (as `apply` lays them)."""
+        return linear_layout([(t.name, t.size) for t in self.weights], num_words)
+
+    def tensor(self, name: str) -> Tensor:
+        return next(t for t in self.weights + self.biases if t.name == name)
+
+
+class Fault(NamedTuple):
+    """One faulty bit cell: element `index` (flat, C order) of `tensor`, bit `bit` (0 = LSB),
+    `kind` "flip", "sa0" or "sa1". `changes`: whether it alters the stored value (a flip always
+    does; a stuck cell only when the stored bit differs), None when not known."""
+
+    tensor: str
+    index: int
+    bit: int
+    kind: str
+    changes: bool | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class TensorFaults:
+    """The hit elements of one tensor: sorted unique flat `index`, and per element the masks
+    (in the tensor's unsigned dtype) of flipped, stuck-at-0 and stuck-at-1 bits (None = none)."""
+
+    name: str
+    index: np.ndarray
+    flip: np.ndarray | None = None
+    sa0: np.ndarray | None = None
+    sa1: np.ndarray | None = None
+
+    def read(self, stored: np.ndarray) -> np.ndarray:
+        """Faulty values (unsigned) of the hit elements, given their stored unsigned values."""
+        w = stored
+        if self.flip is not None:
+            w = w ^ self.flip
+        if self.sa0 is not None:
+            w = w & ~self.sa0
+        if self.sa1 is not None:
+            w = w | self.sa1
+        return w
+
+
+@dataclass(frozen=True, eq=False)
+class Injection:
+    """The faults of one trial, tensor by tensor (tensors without a hit are left out)."""
+
+    tensors: tuple[TensorFaults, ...] = ()
+
+    @property
+    def cells(self) -> int:
+        """Faulty bit cells (flipped or stuck)."""
+        n = 0
+        for tf in self.tensors:
+            for m in (tf.flip, tf.sa0, tf.sa1):
+                if m is not None:
+                    n += _popcount(m)
+        return n
+
+    def apply(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A new dict: `values` with every hit tensor replaced by a faulty copy (others shared)."""
+        out = dict(values)
+        for tf in self.tensors:
+            v = np.asarray(values[tf.name])
+            u = np.array(v, copy=True, order="C").reshape(-1).view(_UNSIGNED[v.dtype])
+            u[tf.index] = tf.read(u[tf.index])
+            out[tf.name] = u.view(v.dtype).reshape(v.shape)
+        return out
+
+    def faults(self, values: dict[str, np.ndarray] | None = None) -> list[Fault]:
+        """Every faulty cell, by tensor (injection order), index, bit. With the clean `values`,
+        each fault also says whether it changes the stored bit."""
+        out: list[Fault] = []
+        for tf in self.tensors:
+            bits = None
+            for kind, m in (("flip", tf.flip), ("sa0", tf.sa0), ("sa1", tf.sa1)):
+                if m is None:
+                    continue
+                row, bit = np.nonzero(_bit_matrix(m))
+                if values is not None:
+                    if bits is None:
+                        stored = np.ascontiguousarray(values[tf.name]).reshape(-1).view(m.dtype)[tf.index]
+                        bits = _bit_matrix(stored)
+                    if kind == "flip":
+                        changes = np.ones(row.shape, bool)
+                    else:
+                        changes = bits[row, bit] == (1 if kind == "sa0" else 0)
+                else:
+                    changes = None
+                for j in range(row.size):
+                    out.append(Fault(tf.name, int(tf.index[row[j]]), int(bit[j]), kind,
+                                     None if changes is None else bool(changes[j])))
+        order = {tf.name: i for i, tf in enumerate(self.tensors)}
+        out.sort(key=lambda f: (order[f.tensor], f.index, f.bit))
+        return out
+
+
+def _bit_matrix(m: np.ndarray) -> np.ndarray:
+    """[n, bits] 0/1 matrix of unsigned masks, column b = bit b (LSB first)."""
+    m = np.asarray(m)
+    nbytes = m.dtype.itemsize
+    as_bytes = m.astype(m.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(-1, nbytes)
+    return np.unpackbits(as_bytes, axis=1, bitorder="little")
+
+
+def _popcount(m: np.ndarray) -> int:
+    return int(np.unpackbits(np.ascontiguousarray(m).view(np.uint8)).sum(dtype=np.int64))
+
+
+@runtime_checkable
+class FaultModel(Protocol):
+    """A physical fault model. Parameters live in a dataclass (`params`); `name` is the
+    registry name; `label` names one campaign point (e.g. "bitflip:0.001").
+
+    `deterministic`: every draw is the same (a given chip), so one trial measures it exactly.
+    `check(space)` raises InputError when the model cannot apply (called before any work).
+    `sample(rng, space)` must draw everything from `rng` alone, so that a trial is reproducible
+    from the generator's seed.
+    """
+
+    name: str
+    deterministic: bool
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def params(self) -> Any: ...
+
+    def check(self, space: WeightSpace) -> None: ...
+
+    def sample(self, rng: np.random.Generator, space: WeightSpace) -> Injection: ...
+
+
+# --- sparse drawing --------------------------------------------------------------------------
+
+
+def sample_positions(rng: np.random.Generator, population: int, rate: float) -> np.ndarray:
+    """Positions of the faulty cells among `population` cells, each faulty with probability
+    `rate` independently: a binomial count, then that many distinct positions (sorted int64).
+    Never a full random mask, except when more than half the cells are faulty (then the healthy
+    ones are drawn)."""
+    count = int(rng.binomial(population, rate)) if population else 0
+    return sample_k(rng, population, count)
+
+
+def sample_k(rng: np.random.Generator, population: int, k: int) -> np.ndarray:
+    """k distinct sorted positions in [0, population), uniformly."""
+    if k <= population // 2:
+        return _distinct(rng, population, k)
+    keep = np.ones(population, dtype=bool)
+    keep[_distinct(rng, population, population - k)] = False
+    return np.flatnonzero(keep)
+
+
+def _distinct(rng: np.random.Generator, population: int, k: int) -> np.ndarray:
+    """Draw with replacement, drop repeats, top up (a uniform k-subset; O(k) memory)."""
+    chosen = np.empty(0, dtype=np.int64)
+    while chosen.size < k:
+        draw = rng.integers(0, population, size=k - chosen.size, dtype=np.int64)
+        merged = np.sort(np.concatenate((chosen, draw)))
+        chosen = merged[np.concatenate(([True], merged[1:] != merged[:-1]))]
+    return chosen
+
+
+def group_cells(
+    tensors: tuple[Tensor, ...], positions: np.ndarray, labels: np.ndarray | None = None
+) -> list[tuple[Tensor, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Split sorted positions in the concatenated bit space of `tensors` (tensor t's cell
+    (element e, bit b) at offset_t + e * bits_t + b) into per-tensor (tensor, element index,
+    bit mask per element, label mask per element). `labels` (bool per position) makes a second
+    mask of the bits whose label is True (stuck-at-1 vs 0); None when not given."""
+    out = []
+    if positions.size == 0:
+        return out
+    bounds = np.cumsum([0] + [t.cells for t in tensors], dtype=np.int64)
+    cuts = np.searchsorted(positions, bounds)
+    for i, t in enumerate(tensors):
+        lo, hi = cuts[i], cuts[i + 1]
+        if lo == hi:
+            continue
+        local = positions[lo:hi] - bounds[i]
+        elem, bit = np.divmod(local, t.bits)
+        ud = t.unsigned
+        bitval = np.left_shift(np.ones(1, ud), bit.astype(ud))
+        starts = np.flatnonzero(np.concatenate(([True], elem[1:] != elem[:-1])))
+        mask = np.bitwise_or.reduceat(bitval, starts)
+        lab = None
+        if labels is not None:
+            lab = np.bitwise_or.reduceat(np.where(labels[lo:hi], bitval, ud.type(0)), starts)
+        out.append((t, elem[starts], mask, lab))
+    return out
+
+
+def parse_rates(name: str, args: str, example: str = "1e-4,1e-3") -> list[float]:
+    """`1e-4,1e-3` -> [1e-4, 1e-3]; each a probability in [0, 1] (InputError otherwise)."""
+    from ..errors import InputError
+
+    if not args.strip():
+        raise InputError(f"fault model {name!r} needs one or more rates, e.g. {name}:{example}")
+    rates = []
+    for item in args.split(","):
+        text = item.strip()
+        try:
+            r = float(text)
+        except ValueError:
+            raise InputError(f"{name}: {text!r} is not a number (rates are comma-separated, e.g. {name}:{example})") from None
+        if not 0.0 <= r <= 1.0:  # also rejects NaN
+            raise InputError(f"{name}: rate {text} is outside [0, 1]")
+        rates.append(r)
+    return rates

@@ -1,0 +1,70 @@
+"""Transient bit flips: every bit cell of the targeted tensors flips with probability `rate`.
+
+`bitflip` hits the int8 weights (each code is XORed on its uint8 view, so bit 7 turns 20 into
+-108, METHODS.md section 6); `bitflip-bias` hits the int32 biases the same way. Only the flipped
+cells are drawn: a binomial count over all bits, then that many distinct positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from .base import Injection, TensorFaults, WeightSpace, group_cells, parse_rates, sample_positions
+
+
+@dataclass(frozen=True)
+class BitFlipParams:
+    """rate: bit error rate per cell, in [0, 1]; target: "weight" (int8) or "bias" (int32)."""
+
+    rate: float
+    target: str = "weight"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rate, (int, float, np.floating)) or not 0.0 <= float(self.rate) <= 1.0:
+            raise InputError(f"bit error rate must be in [0, 1], got {self.rate!r}")
+        if self.target not in ("weight", "bias"):
+            raise InputError(f"bit flip target must be 'weight' or 'bias', got {self.target!r}")
+
+
+class BitFlip:
+    """Independent transient bit flips at a bit error rate."""
+
+    deterministic = False
+
+    def __init__(self, params: BitFlipParams):
+        self._params = params
+        self.name = "bitflip" if params.target == "weight" else "bitflip-bias"
+
+    @classmethod
+    def from_spec(cls, args: str, target: str = "weight") -> list["BitFlip"]:
+        name = "bitflip" if target == "weight" else "bitflip-bias"
+        return [cls(BitFlipParams(r, target)) for r in parse_rates(name, args)]
+
+    @classmethod
+    def bias_from_spec(cls, args: str) -> list["BitFlip"]:
+        return cls.from_spec(args, "bias")
+
+    @property
+    def params(self) -> BitFlipParams:
+        return self._params
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self._params.rate:g}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, **asdict(self._params)}
+
+    def check(self, space: WeightSpace) -> None:
+        if not space.of_kind(self._params.target):
+            what = "int8 weights" if self._params.target == "weight" else "int32 biases"
+            raise InputError(f"{self.name}: the model has no {what} to flip")
+
+    def sample(self, rng: np.random.Generator, space: WeightSpace) -> Injection:
+        tensors = space.of_kind(self._params.target)
+        population = sum(t.cells for t in tensors)
+        positions = sample_positions(rng, population, float(self._params.rate))
+        return Injection(tuple(TensorFaults(t.name, idx, flip=mask) for t, idx, mask, _ in group_cells(tensors, positions)))
