@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -32,7 +32,14 @@ import onnx
 from . import __version__
 from .data import Dataset, load_npz
 from .errors import InputError
-from .faults import ChipFaults, Fault, FaultModel, Injection, WeightSpace, parse_fault_spec
+from .faults import (
+    ChipFaults,
+    Fault,
+    FaultModel,
+    Injection,
+    WeightSpace,
+    parse_fault_spec,
+)
 from .model import is_qdq_int8, load_model
 from .report import REPORT_SCHEMA
 from .simulate import ChipEvaluator, Reference
@@ -361,7 +368,7 @@ def simulate(
 
     started = time.perf_counter()
     opts = options or CampaignOptions()
-    campaign, model, data = prepare_campaign(model_path, data_path, faults, faultmaps, opts)
+    campaign, _, data = prepare_campaign(model_path, data_path, faults, faultmaps, opts)
     space = campaign.space
     report: dict = {
         "schema": REPORT_SCHEMA,

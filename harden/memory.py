@@ -119,8 +119,7 @@ def weight_count(model_path: str | os.PathLike) -> int:
     m.drop_initializer_inputs(proto)
     proto = m.simplify(proto)
     m.constants_to_initializers(proto)
-    inits = m.initializer_map(proto)
-    names = m.float_weight_names(proto)
-    if not names:
+    count = m.float_weight_count(proto)
+    if not count:
         raise InputError(f"{model_path}: no Conv, ConvTranspose, Gemm or MatMul weights to put in memory")
-    return int(sum(np.prod(inits[n].dims) for n in names))
+    return count

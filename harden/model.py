@@ -184,6 +184,12 @@ def float_weight_names(model: onnx.ModelProto) -> list[str]:
     return list(seen)
 
 
+def float_weight_count(model: onnx.ModelProto) -> int:
+    """How many float weights quantization will turn into int8 weight-memory words."""
+    inits = initializer_map(model)
+    return int(sum(np.prod(inits[n].dims) for n in float_weight_names(model)))
+
+
 @dataclass
 class QWeight:
     """One int8 weight tensor of a QDQ model and everything needed to remap it.

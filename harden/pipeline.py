@@ -24,7 +24,7 @@ from .data import Dataset, load_npz
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
 from .fileio import atomic_write_text, check_output_path
-from .model import constants_to_initializers, drop_initializer_inputs, is_qdq_int8, load_model, opset_of, qdq_weights, save_model, simplify, upgrade_opset
+from .model import constants_to_initializers, drop_initializer_inputs, float_weight_count, is_qdq_int8, load_model, opset_of, qdq_weights, save_model, simplify, upgrade_opset
 from .passes import PassContext, run_passes
 from .passes.clip import ClipPass
 from .passes.faq import FAQPass, memory_map_for
@@ -127,6 +127,8 @@ def apply(
         records.append({"pass": "simplify", "modified": True, "seconds": round(time.perf_counter() - t0, 4), **prep})
         float_model = onnx.ModelProto()
         float_model.CopyFrom(model)
+        if fm is None:  # a CSV map: sized to the model's weights, read before the real work
+            fm = read_faultmap(faultmap_path, float_weight_count(model))
         passes = ([ClipPass(opts.clip_style, opts.clip_percentile)] if opts.clip else []) + [QuantizePass()]
         qmodel, recs = run_passes(model, passes, ctx)
         records += recs

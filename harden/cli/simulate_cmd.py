@@ -54,8 +54,10 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
     SDC-1 (top-1 changed, on the inputs the fault-free model gets right), each with mean,
     standard deviation and a 95 % confidence interval.
 
-    MODEL must already be int8 QDQ (what harden apply writes); a float model is refused:
-    quantizing it here would need calibration data and choices that belong to apply.
+    MODEL must already be int8 QDQ; a float model is refused (exit 2), since quantizing it
+    here would need calibration data and choices that belong to apply. harden apply writes
+    int8 QDQ models: the hardened model for a chip, or, given a fault-free map
+    (harden faultmap generate --for-model MODEL --rate 0 -o none.bin), the plain int8 model.
 
     \b
     Examples:
@@ -152,4 +154,4 @@ def trial_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["simulate_command", "campaign_table", "trial_table"]
+__all__ = ["campaign_table", "simulate_command", "trial_table"]

@@ -15,10 +15,19 @@ argument text to a list of FaultModel objects.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import InputError
-from .base import Fault, FaultModel, Injection, Tensor, TensorFaults, WeightSpace, parse_rates, sample_positions
+from .base import (
+    Fault,
+    FaultModel,
+    Injection,
+    Tensor,
+    TensorFaults,
+    WeightSpace,
+    parse_rates,
+    sample_positions,
+)
 from .bitflip import BitFlip, BitFlipParams
 from .chip import ChipFaults, ChipParams
 from .stuckat import StuckAt, StuckAtParams

@@ -12,7 +12,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import InputError
-from .base import Injection, TensorFaults, WeightSpace, group_cells, parse_rates, sample_positions
+from .base import (
+    Injection,
+    TensorFaults,
+    WeightSpace,
+    group_cells,
+    parse_rates,
+    sample_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -39,12 +46,12 @@ class BitFlip:
         self.name = "bitflip" if params.target == "weight" else "bitflip-bias"
 
     @classmethod
-    def from_spec(cls, args: str, target: str = "weight") -> list["BitFlip"]:
+    def from_spec(cls, args: str, target: str = "weight") -> list[BitFlip]:
         name = "bitflip" if target == "weight" else "bitflip-bias"
         return [cls(BitFlipParams(r, target)) for r in parse_rates(name, args)]
 
     @classmethod
-    def bias_from_spec(cls, args: str) -> list["BitFlip"]:
+    def bias_from_spec(cls, args: str) -> list[BitFlip]:
         return cls.from_spec(args, "bias")
 
     @property
@@ -67,4 +74,5 @@ class BitFlip:
         tensors = space.of_kind(self._params.target)
         population = sum(t.cells for t in tensors)
         positions = sample_positions(rng, population, float(self._params.rate))
-        return Injection(tuple(TensorFaults(t.name, idx, flip=mask) for t, idx, mask, _ in group_cells(tensors, positions)))
+        hits = group_cells(tensors, positions)
+        return Injection(tuple(TensorFaults(t.name, idx, flip=mask) for t, idx, mask, _ in hits), int(positions.size))

@@ -8,7 +8,7 @@ the result is the `int8_on_chip` figure of `harden apply` for the same model, ma
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,14 +42,14 @@ class ChipFaults:
         self._cache: dict[WeightSpace, Injection] = {}
 
     @classmethod
-    def from_spec(cls, args: str) -> list["ChipFaults"]:
+    def from_spec(cls, args: str) -> list[ChipFaults]:
         path = args.strip()
         if not path:
             raise InputError("fault model 'chip' needs a fault map file, e.g. chip:chip.bin")
         return [cls.from_path(path)]
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "ChipFaults":
+    def from_path(cls, path: str | os.PathLike) -> ChipFaults:
         """Read an HFM1 map now; a CSV map is read by `check`, once the memory size is known."""
         if _is_csv(path):
             return cls(None, path)

@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import InputError
-from .base import Injection, TensorFaults, WeightSpace, group_cells, parse_rates, sample_positions
+from .base import (
+    Injection,
+    TensorFaults,
+    WeightSpace,
+    group_cells,
+    parse_rates,
+    sample_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class StuckAt:
         self._params = params
 
     @classmethod
-    def from_spec(cls, args: str) -> list["StuckAt"]:
+    def from_spec(cls, args: str) -> list[StuckAt]:
         return [cls(StuckAtParams(r)) for r in parse_rates("stuckat", args, "0.01,0.04")]
 
     @property
@@ -65,4 +72,4 @@ class StuckAt:
         out = []
         for t, idx, mask, ones in group_cells(tensors, positions, stuck1):
             out.append(TensorFaults(t.name, idx, sa0=mask & ~ones, sa1=ones))
-        return Injection(tuple(out))
+        return Injection(tuple(out), int(positions.size))

@@ -1,0 +1,201 @@
+"""Fault-campaign cost: trials on one session vs clean passes, and vs rebuilding per trial.
+
+    python bench/bench_campaign.py                 # samples/model.onnx quantized, samples/test.npz
+    python bench/bench_campaign.py --trials 200 --rounds 7
+
+What it measures (see bench/README.md, "Fault campaigns"):
+  1. the model: samples/model.onnx (or --model, a float model) quantized by harden's own
+     preparation + QuantizePass on samples/calib.npz; data: samples/test.npz (341 images);
+  2. for each point of bitflip:1e-4,1e-3,1e-2 and stuckat:0.04, per round (rounds interleaved,
+     so that machine load hits all three alike):
+       clean     N fault-free evaluation passes on the campaign's prebuilt session
+                 (ChipEvaluator.predictions, the weights fed as graph inputs);
+       campaign  the N trials of that point (Campaign.run_point: draw the faulty cells, apply,
+                 one pass, accuracy and SDC-1, statistics);
+     ratio = campaign / clean, the median over rounds (and the ratio of the best times);
+     for reference also N passes on a session of the model itself (constant weights, which
+     onnxruntime may prepack), the "const" column;
+  3. a naive loop, once per point: per trial, write the faulty weights into a copy of the
+     model and build a fresh onnxruntime session for it (what the campaign avoids); its
+     accuracies must equal the campaign's, trial for trial (weights as inputs are bit-identical).
+
+Target (issue 3): campaign / clean <= 1.15. Prints a table, writes bench/results/campaign.json,
+exits 1 if the target is missed. A benchmark, not a test: figures depend on the machine and on
+what else runs on it (the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from harden.campaign import Campaign, CampaignOptions
+from harden.data import accuracy, load_npz
+from harden.faults import parse_fault_spec
+from harden.model import load_model, set_initializer
+from harden.passes import PassContext, run_passes
+from harden.passes.quantize import QuantizePass
+from harden.pipeline import prepare
+from harden.runtime import batch_size_for, run_batched, session
+
+RESULTS = HERE / "results"
+TARGET = 1.15
+POINTS = "bitflip:1e-4,1e-3,1e-2", "stuckat:0.04"
+
+
+def quantized(model_path: Path, calib_path: Path) -> onnx.ModelProto:
+    model = load_model(model_path)
+    calib = load_npz(calib_path, model, role="calibration data")
+    model, _ = prepare(model)
+    qmodel, _ = run_passes(model, [QuantizePass()], PassContext(calib=calib))
+    return qmodel
+
+
+def time_clean(c: Campaign, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        c.evaluator.predictions()
+    return time.perf_counter() - t0
+
+
+def time_const(sess, data, bs: int, n: int) -> float:
+    """n clean passes on a session of the model itself (weights as constant initializers)."""
+    name = sess.get_outputs()[0].name
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run_batched(sess, data, bs, [name])
+    return time.perf_counter() - t0
+
+
+def time_campaign(c: Campaign, point: int, n: int) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    res = c.run_point(point, CampaignOptions(trials=n, seed=c.seed))
+    return time.perf_counter() - t0, res.accuracy
+
+
+def naive(qmodel: onnx.ModelProto, c: Campaign, point: int, n: int) -> tuple[float, np.ndarray]:
+    """Rebuild the faulty model and its session for every trial."""
+    data = c.evaluator.data
+    bs = batch_size_for(qmodel, 256)
+    out = np.empty(n)
+    t0 = time.perf_counter()
+    for t in range(n):
+        values = c.injection(point, t).apply(c.values)
+        m = onnx.ModelProto()
+        m.CopyFrom(qmodel)
+        for name, v in values.items():
+            if v is not c.values[name]:
+                set_initializer(m, name, v)
+        sess = session(m)
+        (logits,) = run_batched(sess, data, bs, [sess.get_outputs()[0].name])
+        out[t] = accuracy(np.argmax(logits.reshape(len(logits), -1), axis=1), c.target)
+    return time.perf_counter() - t0, out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "samples" / "model.onnx", help="float model to quantize")
+    ap.add_argument("--calib", type=Path, default=ROOT / "samples" / "calib.npz")
+    ap.add_argument("--data", type=Path, default=ROOT / "samples" / "test.npz")
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--output", type=Path, default=RESULTS / "campaign.json")
+    args = ap.parse_args()
+
+    qmodel = quantized(args.model, args.calib)
+    data = load_npz(args.data, qmodel)
+    points = [m for spec in POINTS for m in parse_fault_spec(spec)]
+    c = Campaign(qmodel, data, points, seed=args.seed)
+    n = args.trials
+
+    for p in range(len(points)):  # warm-up: page in the session, the allocator, numpy paths
+        c.run_trial(p, 0)
+    time_clean(c, 5)
+
+    const_sess, bs = session(qmodel), batch_size_for(qmodel, 256)
+    time_const(const_sess, data, bs, 5)
+    rows = []
+    for p, m in enumerate(points):
+        clean_t, camp_t, const_t, ratios = [], [], [], []
+        acc = None
+        for _ in range(args.rounds):
+            const_t.append(time_const(const_sess, data, bs, n))
+            a = time_clean(c, n)
+            b, acc = time_campaign(c, p, n)
+            clean_t.append(a)
+            camp_t.append(b)
+            ratios.append(b / a)
+        naive_t, naive_acc = naive(qmodel, c, p, n)
+        rows.append({
+            "point": m.label,
+            "trials": n,
+            "clean_s": round(min(clean_t), 4),
+            "campaign_s": round(min(camp_t), 4),
+            "naive_s": round(naive_t, 4),
+            "ms_per_clean_pass": round(1e3 * min(clean_t) / n, 3),
+            "ms_per_clean_pass_constant_weights": round(1e3 * min(const_t) / n, 3),
+            "ms_per_trial": round(1e3 * min(camp_t) / n, 3),
+            "ms_per_naive_trial": round(1e3 * naive_t / n, 3),
+            "ratio_campaign_vs_clean": round(statistics.median(ratios), 4),
+            "ratio_best_times": round(min(camp_t) / min(clean_t), 4),
+            "ratio_naive_vs_campaign": round(naive_t / min(camp_t), 2),
+            "naive_matches_campaign": bool(np.array_equal(naive_acc, acc)),
+            "mean_accuracy": round(float(acc.mean()), 6),
+        })
+
+    worst = max(r["ratio_campaign_vs_clean"] for r in rows)
+    met = worst <= TARGET and all(r["naive_matches_campaign"] for r in rows)
+    import onnxruntime
+
+    doc = {
+        "benchmark": "campaign",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
+        "model": {"source": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
+                  "int8_weights": c.space.weight_count, "int8_tensors": len(c.space.weights)},
+        "data": {"source": str(args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data),
+                 "samples": len(data)},
+        "rounds": args.rounds,
+        "target_ratio": TARGET,
+        "worst_ratio": worst,
+        "target_met": met,
+        "points": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(doc, indent=2) + "\n")
+
+    print(f"{doc['model']['source']}: {c.space.weight_count} int8 weights; {len(data)} samples; "
+          f"{n} trials per point, median of {args.rounds} rounds; load {doc['machine']['loadavg']}")
+    print(f"  {'point':<16} {'const ms':>9} {'clean ms':>9} {'trial ms':>9} {'naive ms':>9} {'trial/clean':>12} {'naive/trial':>12}  same")
+    for r in rows:
+        print(f"  {r['point']:<16} {r['ms_per_clean_pass_constant_weights']:>9.3f} {r['ms_per_clean_pass']:>9.3f} "
+              f"{r['ms_per_trial']:>9.3f} {r['ms_per_naive_trial']:>9.3f} "
+              f"{r['ratio_campaign_vs_clean']:>12.3f} {r['ratio_naive_vs_campaign']:>12.1f}  {r['naive_matches_campaign']}")
+    print(f"worst campaign/clean ratio {worst:.3f} (target <= {TARGET}): {'met' if met else 'MISSED'}; wrote {args.output}")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

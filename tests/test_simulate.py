@@ -1,0 +1,438 @@
+"""`harden simulate`: fault models, campaigns and their statistics on the trained digits CNNs.
+
+The int8 models are the zoo's digits CNNs put through harden's own preparation and
+QuantizePass (what `apply` does before FAQ), calibrated on the calibration split; campaigns run
+on the held-out test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import zoo
+from click.testing import CliRunner
+
+from harden.campaign import (
+    Campaign,
+    CampaignOptions,
+    describe_trial,
+    prepare_campaign,
+    simulate,
+    trial_rng,
+)
+from harden.cli import main
+from harden.data import load_npz
+from harden.errors import InputError
+from harden.faultmap import generate_uniform, write_faultmap
+from harden.faults import (
+    BitFlip,
+    BitFlipParams,
+    Injection,
+    StuckAt,
+    StuckAtParams,
+    TensorFaults,
+    WeightSpace,
+    parse_fault_spec,
+    register_fault_model,
+)
+from harden.model import load_model, save_model, set_initializer
+from harden.passes import PassContext, run_passes
+from harden.passes.quantize import QuantizePass
+from harden.pipeline import ApplyOptions, apply, prepare
+from harden.runtime import session
+from harden.stats import leveugle_n, summarize, t_value, wilson
+
+
+def _quantize(src: Path, calib: Path, out: Path) -> Path:
+    model = load_model(src)
+    data = load_npz(calib, model)
+    model, _ = prepare(model)
+    qmodel, _ = run_passes(model, [QuantizePass()], PassContext(calib=data))
+    save_model(qmodel, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_plain(tmp_path_factory, plain_cnn, digits_calib_npz) -> Path:
+    return _quantize(plain_cnn, digits_calib_npz, tmp_path_factory.mktemp("sim") / "plain.int8.onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_residual(tmp_path_factory, residual_cnn, digits_calib_npz) -> Path:
+    return _quantize(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("sim") / "residual.int8.onnx")
+
+
+def _campaign(model: Path, data: Path, specs, seed=0, faultmaps=()) -> Campaign:
+    campaign, _, _ = prepare_campaign(model, data, specs, faultmaps, CampaignOptions(seed=seed))
+    return campaign
+
+
+def _bits(values: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """[n, bits] 0/1 matrix of a tensor's elements (LSB first)."""
+    v = np.ascontiguousarray(values[name]).reshape(-1)
+    b = v.view(np.uint8).reshape(v.size, v.dtype.itemsize)  # little-endian host
+    return np.unpackbits(b, axis=1, bitorder="little")
+
+
+def _changed_cells(clean: dict, faulty: dict) -> set[tuple[str, int, int]]:
+    out = set()
+    for name in clean:
+        diff = _bits(clean, name) ^ _bits(faulty, name)
+        for i, b in zip(*np.nonzero(diff)):
+            out.add((name, int(i), int(b)))
+    return out
+
+
+# --- accuracy and SDC-1 against the bit error rate -------------------------------------------
+
+
+@pytest.mark.parametrize("kind,rates", [
+    ("plain", (3e-3, 1e-2, 3e-2, 1e-1)),  # 19k weights and no skip path: robust at low rates
+    ("residual", (1e-4, 1e-3, 1e-2, 3e-2)),
+])
+def test_accuracy_falls_and_sdc_rises_with_ber(request, kind, rates, digits_test_npz):
+    model = request.getfixturevalue(f"int8_{kind}")
+    spec = "bitflip:0," + ",".join(f"{r:g}" for r in rates)
+    rep = simulate(model, digits_test_npz, [spec], options=CampaignOptions(trials=25, seed=1)).report
+    clean = rep["clean"]
+    assert clean["reference"] == "labels" and clean["accuracy"] > 0.95
+    acc = [p["accuracy"]["mean"] for p in rep["points"]]
+    sdc = [p["sdc1"]["mean"] for p in rep["points"]]
+    assert acc[0] == clean["accuracy"] and sdc[0] == 0.0  # rate 0: nothing flips
+    assert all(a > b for a, b in zip(acc, acc[1:])), acc
+    assert all(a < b for a, b in zip(sdc, sdc[1:])), sdc
+    assert acc[-1] < 0.5 and acc[1] > 0.95
+    for p in rep["points"]:
+        assert p["trials"] == 25
+        lo, hi = p["accuracy"]["ci95"]
+        assert lo <= p["accuracy"]["mean"] <= hi
+        s = summarize(p["per_trial"]["accuracy"])
+        assert math.isclose(s.mean, p["accuracy"]["mean"], abs_tol=1e-6)
+        assert math.isclose(s.std, p["accuracy"]["std"], abs_tol=1e-6)
+        lo, hi = p["sdc1"]["wilson95"]
+        assert lo <= p["sdc1"]["events"] / p["sdc1"]["opportunities"] <= hi
+    # The number of flipped cells follows the rate: ~ rate * 8 * weights.
+    n_bits = 8 * rep["model"]["int8_weights"]
+    for p, rate in zip(rep["points"][1:], rates):
+        mean, sd = n_bits * rate, math.sqrt(n_bits * rate * (1 - rate) / p["trials"])
+        assert abs(p["faulty_cells"]["mean"] - mean) < 5 * sd
+
+
+def test_agreement_without_labels(int8_plain, digits, tmp_path):
+    data = zoo.write_npz(tmp_path / "nolabels.npz", digits["x_test"])
+    rep = simulate(int8_plain, data, ["bitflip:1e-3"], options=CampaignOptions(trials=5)).report
+    assert rep["clean"] == {"reference": "agreement", "samples": 341, "accuracy": 1.0, "correct": 341}
+    p = rep["points"][0]
+    # Agreement with the fault-free model and SDC-1 over all inputs are complements.
+    assert math.isclose(p["accuracy"]["mean"] + p["sdc1"]["mean"], 1.0, abs_tol=1e-6)
+
+
+# --- reproducibility and the exact faults of a trial -----------------------------------------
+
+
+def test_trial_is_reproducible_and_described_exactly(int8_plain, digits_test_npz):
+    c = _campaign(int8_plain, digits_test_npz, ["bitflip:1e-3", "stuckat:0.02"], seed=7)
+    for point in (0, 1):
+        res = c.run_point(point, CampaignOptions(trials=6, seed=7))
+        for trial in (0, 5):
+            # Re-derived from (seed, point, trial) alone, in a fresh campaign, in any order.
+            again = _campaign(int8_plain, digits_test_npz, ["bitflip:1e-3", "stuckat:0.02"], seed=7)
+            r = again.run_trial(point, trial)
+            assert r.accuracy == res.accuracy[trial] and r.sdc1_events == res.sdc1_events[trial]
+            faulty = c.faulty_values(point, trial)
+            faults = c.describe_trial(point, trial)
+            assert faults and len(faults) == r.faulty_cells
+            changing = {(f.tensor, f.index, f.bit) for f in faults if f.changes}
+            assert changing == _changed_cells(c.values, faulty)  # exactly the cells that change
+            if point == 0:
+                assert all(f.kind == "flip" and f.changes for f in faults)
+            else:
+                assert {f.kind for f in faults} == {"sa0", "sa1"}
+                assert any(not f.changes for f in faults)  # a stuck cell holding its own value
+            # The Python API gives the same list from the model file alone.
+            model = onnx.load(str(int8_plain))
+            spec = ["bitflip:1e-3", "stuckat:0.02"][point]
+            assert describe_trial(model, spec, 7, point, trial) == faults
+    # A different trial or seed draws different faults.
+    assert c.describe_trial(0, 0) != c.describe_trial(0, 1)
+    other = _campaign(int8_plain, digits_test_npz, ["bitflip:1e-3"], seed=8)
+    assert other.describe_trial(0, 0) != c.describe_trial(0, 0)
+
+
+def test_weights_as_inputs_match_a_rebuilt_model(int8_plain, digits_test_npz):
+    """Feeding the faulty weights to the shared session == rebuilding the model with them."""
+    c = _campaign(int8_plain, digits_test_npz, ["bitflip:1e-2", "bitflip-bias:1e-3"], seed=3)
+    for point in (0, 1):
+        faulty = c.faulty_values(point, 2)
+        model = onnx.load(str(int8_plain))
+        for name, v in faulty.items():
+            set_initializer(model, name, v)
+        sess = session(model)
+        x = c.evaluator.data.inputs["input"]
+        rebuilt = sess.run(None, {"input": x})[0].argmax(axis=1)
+        assert np.array_equal(rebuilt, c.evaluator.predictions(faulty))
+
+
+def test_bias_flips_hit_only_biases(int8_plain, digits_test_npz):
+    c = _campaign(int8_plain, digits_test_npz, ["bitflip-bias:2e-3"], seed=0)
+    biases = {t.name for t in c.space.biases}
+    assert biases and len(c.space.biases) == len(c.space.weights)
+    faults = [f for t in range(5) for f in c.describe_trial(0, t)]
+    assert faults and {f.tensor for f in faults} <= biases
+    assert max(f.bit for f in faults) > 7  # 32-bit cells
+    faulty = c.faulty_values(0, 0)
+    assert _changed_cells(c.values, faulty) == {(f.tensor, f.index, f.bit) for f in c.describe_trial(0, 0)}
+    for name in c.space.weights:
+        assert faulty[name.name] is c.values[name.name]  # untouched tensors are not even copied
+
+
+def test_stuckat_hits_the_expected_fraction_of_cells(int8_plain, digits_test_npz):
+    space = WeightSpace.from_model(onnx.load(str(int8_plain)))
+    values = {n: v for n, v in _campaign(int8_plain, digits_test_npz, ["stuckat:0.04"]).values.items()}
+    model = StuckAt(StuckAtParams(0.04))
+    cells = 8 * space.weight_count
+    trials, faulty_total, changed_total, sa1_total = 20, 0, 0, 0
+    for t in range(trials):
+        inj = model.sample(trial_rng(0, 0, t), space)
+        faults = inj.faults(values)
+        faulty_total += len(faults)
+        sa1_total += sum(f.kind == "sa1" for f in faults)
+        changed = _changed_cells(values, inj.apply(values))
+        assert changed == {(f.tensor, f.index, f.bit) for f in faults if f.changes}
+        changed_total += len(changed)
+    r = 0.04
+    expect, sd = trials * cells * r, math.sqrt(trials * cells * r * (1 - r))
+    assert abs(faulty_total - expect) < 4 * sd, (faulty_total, expect)
+    # Each faulty cell is stuck at 1 w.p. 1/2, so it changes its bit w.p. 1/2 whatever is stored.
+    half_sd = math.sqrt(faulty_total / 4)
+    assert abs(changed_total - faulty_total / 2) < 4 * half_sd
+    assert abs(sa1_total - faulty_total / 2) < 4 * half_sd
+
+
+# --- a given chip -----------------------------------------------------------------------------
+
+
+def test_chip_reproduces_apply_int8_on_chip(int8_residual, digits_calib_npz, digits_test_npz, tmp_path):
+    space = WeightSpace.from_model(onnx.load(str(int8_residual)))
+    results = []
+    for words, seed in ((space.weight_count, 4), (space.weight_count // 3, 5)):  # the second reuses words
+        chip = tmp_path / f"chip{seed}.bin"
+        write_faultmap(generate_uniform(words, 0.03, seed), chip)
+        applied = apply(int8_residual, chip, digits_calib_npz, eval_data_path=digits_test_npz,
+                        options=ApplyOptions(compensation=False), write=False).report
+        assert applied["inputs"]["already_int8"]
+        rep = simulate(int8_residual, digits_test_npz, faultmaps=[chip], options=CampaignOptions(trials=50)).report
+        (p,) = rep["points"]
+        assert p["deterministic"] and p["trials"] == 1 and p["label"] == f"chip:sim-{seed}"
+        assert p["accuracy"]["mean"] == applied["results"]["accuracy"]["int8_on_chip"]
+        assert rep["clean"]["accuracy"] == applied["results"]["accuracy"]["int8"]
+        results.append(p["accuracy"]["mean"])
+    assert min(results) < rep["clean"]["accuracy"] - 0.02  # the chips do hurt
+
+
+def test_chip_csv_and_spec_forms_agree(int8_plain, digits_test_npz, tmp_path):
+    from harden.faultmap import write_faultmap_csv
+
+    space = WeightSpace.from_model(onnx.load(str(int8_plain)))
+    fm = generate_uniform(space.weight_count, 0.02, 9)
+    write_faultmap(fm, tmp_path / "c.bin")
+    write_faultmap_csv(fm, tmp_path / "c.csv")
+    rep = simulate(int8_plain, digits_test_npz, [f"chip:{tmp_path / 'c.bin'}"], [tmp_path / "c.csv"]).report
+    a, b = (p["accuracy"]["mean"] for p in rep["points"])
+    assert a == b
+
+
+# --- statistics, early stopping, determinism --------------------------------------------------
+
+
+def test_statistics_helpers():
+    assert leveugle_n(0.05) == 385 and leveugle_n(0.01) == 9604
+    n_formula = 10000 / (1 + 0.05**2 * 9999 / (1.959964**2 * 0.25))
+    assert leveugle_n(0.05, population=10000) == math.ceil(n_formula)
+    assert leveugle_n(0.5, population=3) <= 3
+    assert abs(t_value(0.95, 9) - 2.262157) < 1e-6 and abs(t_value(0.95, 1) - 12.706205) < 1e-5
+    assert abs(t_value(0.99, 1000) - 2.580755) < 1e-6
+    lo, hi = wilson(0, 100)
+    assert lo == 0.0 and abs(hi - 0.036993) < 1e-6
+    lo, hi = wilson(5, 100)
+    assert abs(lo - 0.021544) < 1e-6 and abs(hi - 0.111750) < 1e-6
+    s = summarize([0.5, 0.7, 0.6])
+    assert math.isclose(s.mean, 0.6) and math.isclose(s.std, 0.1)
+    assert math.isclose(s.half_width, t_value(0.95, 2) * 0.1 / math.sqrt(3))
+    assert summarize([0.4]).low is None
+
+
+def test_early_stopping(int8_plain, digits_test_npz):
+    loose = simulate(int8_plain, digits_test_npz, ["bitflip:1e-3"], options=CampaignOptions(margin=0.05)).report
+    (p,) = loose["points"]
+    assert p["planned_trials"] == leveugle_n(0.05) == loose["options"]["planned_trials"]
+    assert p["stopped_early"] and 20 <= p["trials"] < p["planned_trials"] and p["trials"] % 5 == 0
+    assert p["accuracy"]["half_width"] <= 0.05
+    # A margin that cannot be met in the allowed trials runs them all.
+    tight = simulate(int8_plain, digits_test_npz, ["bitflip:1e-2"], options=CampaignOptions(margin=1e-4, trials=30)).report
+    (q,) = tight["points"]
+    assert not q["stopped_early"] and q["trials"] == q["planned_trials"] == 30
+    # Stopping early changes nothing about the trials that ran.
+    fixed = simulate(int8_plain, digits_test_npz, ["bitflip:1e-3"], options=CampaignOptions(trials=p["trials"])).report
+    assert fixed["points"][0]["per_trial"] == p["per_trial"]
+
+
+def _strip_timing(x):
+    if isinstance(x, dict):
+        return {k: _strip_timing(v) for k, v in x.items() if k != "seconds"}
+    if isinstance(x, list):
+        return [_strip_timing(v) for v in x]
+    return x
+
+
+def test_cli_json_is_deterministic(int8_plain, digits_test_npz, tmp_path):
+    chip = tmp_path / "chip.bin"
+    write_faultmap(generate_uniform(WeightSpace.from_model(onnx.load(str(int8_plain))).weight_count, 0.02, 1), chip)
+    argv = ["simulate", str(int8_plain), "--data", str(digits_test_npz), "--fault", "bitflip:1e-3,1e-2",
+            "--fault", "stuckat:0.01", "--faultmap", str(chip), "--trials", "15", "--seed", "5", "--json"]
+    runs = [CliRunner().invoke(main, argv) for _ in range(2)]
+    for r in runs:
+        assert r.exit_code == 0, (r.output, r.exception)
+    a, b = (json.loads(r.stdout) for r in runs)
+    assert a["schema"] == "harden.report/1" and a["command"] == "simulate"
+    assert [p["label"] for p in a["points"]] == ["bitflip:0.001", "bitflip:0.01", "stuckat:0.01", "chip:sim-1"]
+    for p in a["points"]:
+        assert {"trials", "accuracy", "sdc1", "per_trial", "worst_trial"} <= set(p)
+        assert {"mean", "std", "ci95"} <= set(p["accuracy"]) and {"mean", "ci95", "wilson95"} <= set(p["sdc1"])
+    assert "seconds" in a and _strip_timing(a) == _strip_timing(b)
+    c = json.loads(CliRunner().invoke(main, argv[:-3] + ["--seed", "6", "--json"]).stdout)
+    assert c["points"][0]["per_trial"] != a["points"][0]["per_trial"]
+
+    # --show-trial names the exact faults of the worst trial, with the figures the campaign saw.
+    p = a["points"][1]
+    w = p["worst_trial"]
+    r = CliRunner().invoke(main, argv[:-1] + ["--show-trial", f"1:{w}", "--json"])
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)["trial"]
+    assert t["rng"] == [5, 1, w] and t["accuracy"] == p["per_trial"]["accuracy"][w]
+    assert len(t["faults"]) == t["faulty_cells"] == p["per_trial"]["faulty_cells"][w]
+    assert set(t["faults"][0]) == {"tensor", "index", "bit", "kind", "changes"}
+    table = CliRunner().invoke(main, argv[:-1] + ["--show-trial", "0:0"])
+    assert table.exit_code == 0 and "flip" in table.stdout and "trial 0" in table.stdout
+
+
+def test_cli_table(int8_plain, digits_test_npz, tmp_path):
+    out = tmp_path / "rep.json"
+    r = CliRunner().invoke(main, ["simulate", str(int8_plain), "--data", str(digits_test_npz),
+                                  "--fault", "bitflip:1e-4,1e-3", "--margin", "0.05", "--report", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "bitflip:0.0001" in r.stdout and "SDC-1" in r.stdout and "stopped early" in r.stdout
+    assert r.stderr == ""  # no progress bar without a terminal
+    assert json.loads(out.read_text())["command"] == "simulate"
+
+
+# --- fault models as plugins ------------------------------------------------------------------
+
+
+def test_registry_takes_new_models(monkeypatch, int8_plain, digits_test_npz):
+    from harden import faults
+
+    class MSBStuck:
+        """Bit 7 of the first k weights of every tensor stuck at 1."""
+
+        name, deterministic = "msb", True
+
+        def __init__(self, k):
+            self.k = k
+
+        label = property(lambda self: f"msb:{self.k}")
+        params = property(lambda self: {"k": self.k})
+
+        def check(self, space):
+            pass
+
+        def sample(self, rng, space):
+            return Injection(tuple(
+                TensorFaults(t.name, np.arange(self.k), sa1=np.full(self.k, 0x80, np.uint8)) for t in space.weights
+            ))
+
+    monkeypatch.setattr(faults, "_REGISTRY", dict(faults._REGISTRY))
+    register_fault_model("msb", lambda args: [MSBStuck(int(a)) for a in args.split(",")])
+    with pytest.raises(ValueError):
+        register_fault_model("msb", lambda args: [])
+    assert [m.label for m in parse_fault_spec("msb:1,2")] == ["msb:1", "msb:2"]
+    rep = simulate(int8_plain, digits_test_npz, ["msb:0,4"]).report
+    assert [p["trials"] for p in rep["points"]] == [1, 1]
+    assert rep["points"][0]["accuracy"]["mean"] == rep["clean"]["accuracy"]
+    assert rep["points"][1]["faulty_cells"]["mean"] == 4 * rep["model"]["int8_tensors"]
+
+
+def test_spec_parsing():
+    models = parse_fault_spec("bitflip:1e-4, 1e-3")
+    assert [m.params for m in models] == [BitFlipParams(1e-4), BitFlipParams(1e-3)]
+    assert isinstance(parse_fault_spec("bitflip-bias:0.5")[0], BitFlip)
+    assert parse_fault_spec("bitflip-bias:0.5")[0].params.target == "bias"
+    assert parse_fault_spec("stuckat:0,1")[1].params == StuckAtParams(1.0)
+    for bad in ("bitflop:1e-3", "bitflip", "bitflip:", "bitflip:2", "bitflip:-1e-3", "bitflip:nan", "stuckat:x", "chip:"):
+        with pytest.raises(InputError):
+            parse_fault_spec(bad)
+
+
+# --- bad input: exit 2, one line --------------------------------------------------------------
+
+
+BAD = {
+    "unknown-fault": (["--fault", "bitflop:1e-3"], "unknown fault model 'bitflop'"),
+    "rate-above-1": (["--fault", "bitflip:1.5"], r"outside \[0, 1\]"),
+    "rate-negative": (["--fault", "stuckat:-0.1"], r"outside \[0, 1\]"),
+    "rate-nan": (["--fault", "bitflip:nan"], r"outside \[0, 1\]"),
+    "rate-not-a-number": (["--fault", "bitflip:1e-3,abc"], "not a number"),
+    "no-rates": (["--fault", "bitflip"], "needs one or more rates"),
+    "trials-0": (["--fault", "bitflip:1e-3", "--trials", "0"], "--trials must be"),
+    "margin-0": (["--fault", "bitflip:1e-3", "--margin", "0"], "--margin must be"),
+    "margin-1.5": (["--fault", "bitflip:1e-3", "--margin", "1.5"], "--margin must be"),
+    "confidence-1": (["--fault", "bitflip:1e-3", "--margin", "0.01", "--confidence", "1"], "--confidence must be"),
+    "seed-negative": (["--fault", "bitflip:1e-3", "--seed", "-1"], "--seed must be"),
+    "nothing-to-simulate": ([], "nothing to simulate"),
+    "faultmap-missing": (["--faultmap", "{tmp}/nope.bin"], "no such file"),
+    "faultmap-corrupt": (["--faultmap", "{tmp}/bad.bin"], "bad magic"),
+    "show-trial-syntax": (["--fault", "bitflip:1e-3", "--show-trial", "x"], "POINT:TRIAL"),
+    "show-trial-no-point": (["--fault", "bitflip:1e-3", "--show-trial", "3:0"], "point 3 does not exist"),
+    "data-shape": (["--fault", "bitflip:1e-3", "--data", "{tmp}/wrong.npz"], "has shape"),
+    "data-missing": (["--fault", "bitflip:1e-3", "--data", "{tmp}/none.npz"], "no such data file"),
+    "model-float": (["--fault", "bitflip:1e-3", "--model", "{float}"], "simulate takes an int8 QDQ model.*run harden apply first"),
+    "model-missing": (["--fault", "bitflip:1e-3", "--model", "{tmp}/none.onnx"], "no such model file"),
+    "report-over-input": (["--fault", "bitflip:1e-3", "--report", "{data}"], "is the input"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_exits_2_with_one_line(case, int8_plain, plain_cnn, digits_test_npz, tmp_path):
+    args, fragment = BAD[case]
+    (tmp_path / "bad.bin").write_bytes(b"NOPE" + bytes(40))
+    zoo.write_npz(tmp_path / "wrong.npz", np.zeros((4, 1, 9, 9), np.float32))
+    subst = {"{tmp}": str(tmp_path), "{float}": str(plain_cnn), "{data}": str(digits_test_npz)}
+
+    def fill(a):
+        for k, v in subst.items():
+            a = a.replace(k, v)
+        return a
+
+    args = [fill(a) for a in args]
+    model, data = str(int8_plain), str(digits_test_npz)
+    if "--model" in args:
+        i = args.index("--model")
+        model = args[i + 1]
+        del args[i:i + 2]
+    if "--data" in args:
+        i = args.index("--data")
+        data = args[i + 1]
+        del args[i:i + 2]
+    r = CliRunner().invoke(main, ["simulate", model, "--data", data, *args])
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    import re
+
+    assert re.search(fragment, lines[0]), lines[0]
