@@ -26,37 +26,51 @@ from . import PassContext, PassResult
 STYLES = ("zero", "saturate")
 
 
+GUARDED_OUTPUT_OPS = ("Gemm", "MatMul", "Add", "Conv")
+
+
 class ClipPass:
-    """Replace ReLUs by clipped activations with thresholds calibrated on ctx.calib."""
+    """Replace ReLUs by clipped activations with thresholds calibrated on ctx.calib.
+
+    `output_guard` (zero style, our addition): the model's logits get an element-wise range
+    check too, y = x if L <= x <= T else 0, with L / T the calibrated per-element min / max. A
+    corrupted bias of the last layer shifts one logit far outside anything seen in calibration;
+    zeroing it lets the other logits decide (measured in docs/results.md).
+    """
 
     name = "clip"
 
-    def __init__(self, style: str = "zero", percentile: float = 100.0, headroom: float = 2.0, calib_samples: int = 512):
+    def __init__(self, style: str = "zero", percentile: float = 100.0, headroom: float = 2.0,
+                 calib_samples: int = 512, output_guard: bool = True):
         if style not in STYLES:
             raise ValueError(f"clip style must be one of {STYLES}")
         self.style, self.percentile, self.headroom, self.calib_samples = style, percentile, headroom, calib_samples
+        self.output_guard = output_guard and style == "zero"
 
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         relus = [n for n in model.graph.node if n.op_type == "Relu"]
-        if not relus:
+        guarded = self._guarded_output(model) if self.output_guard else None
+        if not relus and guarded is None:
             return PassResult(model, False, {"style": self.style, "layers": []})
-        thresholds = self._calibrate(model, relus, ctx)
-        layers = []
-        new_nodes, inits = [], []
-        last = relus[-1].output[0]
+        thresholds = self._calibrate(model, relus, guarded, ctx)
+        layers, new_nodes, inits = [], [], []
+        last = relus[-1].output[0] if relus else None
+        zero = "harden_clip_zero"
+        if self.style == "zero":
+            inits.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
         for node in model.graph.node:
             if node.op_type != "Relu":
                 new_nodes.append(node)
+                if guarded is not None and node.output[0] == guarded:
+                    layers.append(self._guard_output(node, thresholds[guarded], new_nodes, inits, zero, ctx))
                 continue
             out = node.output[0]
             t = thresholds[out].astype(np.float32)
-            tname = f"{out}_harden_T"
+            tname, pre = f"{out}_harden_T", f"{out}_harden_pre"
             inits.append(numpy_helper.from_array(t, tname))
-            pre = f"{out}_harden_pre"
             new_nodes.append(helper.make_node("Relu", list(node.input), [pre], name=node.name))
             if self.style == "zero":
-                mask, zero = f"{out}_harden_over", f"{out}_harden_zero"
-                inits.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
+                mask = f"{out}_harden_over"
                 new_nodes.append(helper.make_node("Greater", [pre, tname], [mask], name=f"{node.name}_harden_gt"))
                 new_nodes.append(helper.make_node("Where", [mask, zero, pre], [out], name=f"{node.name}_harden_where"))
             else:
@@ -83,28 +97,60 @@ class ClipPass:
                 "style": self.style,
                 "percentile": self.percentile,
                 "headroom": self.headroom,
+                "output_guard": guarded is not None,
                 "threshold_values": int(sum(l["thresholds"] for l in layers)),
                 "layers": layers,
             },
         )
 
-    def _calibrate(self, model, relus, ctx: PassContext) -> dict[str, np.ndarray]:
-        """Layer-wise scalar T, element-wise T for the last ReLU (forward order)."""
+    def _guarded_output(self, model: onnx.ModelProto) -> str | None:
+        """The first graph output, when a linear op produces it (logits), else None."""
+        out = model.graph.output[0].name
+        producer = next((n for n in model.graph.node if out in n.output), None)
+        return out if producer is not None and producer.op_type in GUARDED_OUTPUT_OPS else None
+
+    def _guard_output(self, node, bounds, new_nodes, inits, zero, ctx) -> dict:
+        """Rename the logits' producer output and append the two-sided zeroing range check."""
+        out = node.output[0]
+        lo, hi = (b.astype(np.float32) for b in bounds)
+        pre = f"{out}_harden_pre"
+        node.output[0] = pre
+        names = {k: f"{out}_harden_{k}" for k in ("L", "T", "below", "above", "outside")}
+        inits += [numpy_helper.from_array(lo, names["L"]), numpy_helper.from_array(hi, names["T"])]
+        new_nodes += [
+            helper.make_node("Less", [pre, names["L"]], [names["below"]], name=f"{out}_harden_lt"),
+            helper.make_node("Greater", [pre, names["T"]], [names["above"]], name=f"{out}_harden_gt"),
+            helper.make_node("Or", [names["below"], names["above"]], [names["outside"]], name=f"{out}_harden_or"),
+            helper.make_node("Where", [names["outside"], zero, pre], [out], name=f"{out}_harden_where"),
+        ]
+        span = float(hi.max() - lo.min())
+        ctx.quant_overrides[pre] = [{"rmin": np.float32(lo.min() - (self.headroom - 1) * span / 2),
+                                     "rmax": np.float32(hi.max() + (self.headroom - 1) * span / 2)}]
+        return {"relu": None, "output_guard": out, "granularity": "element", "thresholds": int(lo.size + hi.size),
+                "threshold": None, "threshold_mean": round(float(hi.mean()), 6)}
+
+    def _calibrate(self, model, relus, guarded, ctx: PassContext) -> dict:
+        """Layer-wise scalar T, element-wise T for the last ReLU (forward order); element-wise
+        (min, max) for the guarded output."""
         names = [n.output[0] for n in relus]
-        last = names[-1]
-        seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        last = names[-1] if names else None
+        seen: dict[str, list[np.ndarray]] = {n: [] for n in names + ([guarded] if guarded else [])}
+        elementwise = {last, guarded}
 
         def on_batch(acts):
             for n, a in acts.items():
-                if n == last or self.percentile < 100:
+                if n in elementwise or self.percentile < 100:
                     seen[n].append(a)
                 else:
                     seen[n].append(np.asarray(a.max(), dtype=np.float32)[None])
 
-        capture(model, ctx.calib.take(self.calib_samples), names, on_batch)
-        out = {}
+        capture(model, ctx.calib.take(self.calib_samples), list(seen), on_batch)
+        out: dict = {}
         for n, chunks in seen.items():
             a = np.concatenate(chunks)
+            if n == guarded:
+                out[n] = (a.min(axis=0), a.max(axis=0))
+                continue
             if n == last:
                 t = np.percentile(a, self.percentile, axis=0) if self.percentile < 100 else a.max(axis=0)
             else:
