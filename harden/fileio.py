@@ -1,16 +1,20 @@
 """Atomic output files: a temp file in the target folder, fsync, then rename.
 
 A run that fails or is interrupted never leaves a half-written output, and an output path that
-names one of the inputs is refused before any work starts.
+names one of the inputs is refused before any work starts. A command with several outputs (model,
+report, summary) writes them all to temp files first and then renames them with SIGINT and
+SIGTERM held back (`atomic_write_many`), so an interrupt leaves either all of them or none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import InputError
 
@@ -68,3 +72,56 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold SIGINT / SIGTERM back for the duration of the block, then deliver them.
+
+    Used around the renames that publish a command's outputs, so that Ctrl-C (or a CI runner
+    cancelling the job) cannot land between two renames. Signal handlers can only be set from
+    the main thread; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for signum in signums:
+        previous[signum] = signal.signal(signum, lambda num, _frame: pending.append(num))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)  # SIGINT -> KeyboardInterrupt under Python's default handler
+
+
+def atomic_write_many(items: Iterable[tuple[str | os.PathLike, bytes]]) -> None:
+    """Write several files as one step: every temp file first, then all the renames.
+
+    A failure or an interrupt before the renames leaves none of the targets touched and no temp
+    file behind; the renames themselves run with SIGINT and SIGTERM deferred.
+    """
+    pending: list[tuple[Path, Path]] = []
+    try:
+        for path, data in items:
+            target = Path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+            tmp_path = Path(tmp)
+            pending.append((tmp_path, target))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp_path, 0o666 & ~_umask())
+        with deferred_signals():
+            while pending:
+                tmp_path, target = pending[0]
+                os.replace(tmp_path, target)
+                pending.pop(0)
+    finally:
+        for tmp_path, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()

@@ -64,10 +64,53 @@ def _all_tensors(model: onnx.ModelProto):
 
 
 def _check_declared_shapes(model: onnx.ModelProto) -> None:
-    for vi in list(model.graph.input) + list(model.graph.output):
+    """Refuse absurd declared dimensions, and ConstantOfShape nodes that would make an absurd
+    tensor (onnxsim would try to fold them into an initializer)."""
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and not 0 <= d.dim_value < MAX_DECLARED_DIM:
                 raise InputError(f"{vi.name!r} declares an absurd dimension {d.dim_value}")
+    inits = {t.name: t for t in g.initializer}
+    for node in g.node:
+        if node.op_type != "ConstantOfShape" or not node.input or node.input[0] not in inits:
+            continue
+        t = inits[node.input[0]]
+        if len(t.dims) != 1 or t.dims[0] > 64 or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # not a shape; the checker and onnxruntime say so
+        try:
+            shape = [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+        except Exception:  # noqa: BLE001 - a malformed tensor is the checker's to report
+            continue
+        count = 1
+        for v in shape:
+            count *= max(v, 0)
+        if any(v < 0 for v in shape) or count >= MAX_DECLARED_DIM:
+            raise InputError(
+                f"node {node.name or node.output[0]!r} (ConstantOfShape) would make a tensor of shape {shape}; refused"
+            )
+
+
+def _check_references(model: onnx.ModelProto) -> None:
+    """Every node input of the main graph is a graph input, an initializer or an earlier node's
+    output, and the graph has at least one real input (the data is fed to it)."""
+    g = model.graph
+    inits = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    if not [vi for vi in g.input if vi.name not in inits]:
+        raise InputError("invalid ONNX model: the graph declares no inputs (nothing to feed the data to)")
+    defined = {vi.name for vi in g.input} | inits | {""}
+    made = {o for node in g.node for o in node.output}
+    for node in g.node:
+        for name in node.input:
+            if name in defined:
+                continue
+            who = f"node {node.name or (node.output[0] if node.output else '?')!r} ({node.op_type})"
+            if name in made:
+                raise InputError(f"invalid ONNX model: {who} reads {name!r} before the node that makes it "
+                                 "(nodes must be in topological order)")
+            raise InputError(f"invalid ONNX model: {who} reads {name!r}, which no graph input, initializer "
+                             "or node defines")
+        defined.update(node.output)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -86,6 +129,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         _check_external_data(model, p.parent)
         _check_declared_shapes(model)
+        _check_references(model)
     except InputError as exc:
         raise InputError(f"{p}: {exc}") from None
     try:

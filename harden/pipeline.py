@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import onnx
 
@@ -23,13 +23,17 @@ from . import __version__
 from .data import Dataset, load_npz
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
-from .fileio import atomic_write_text, check_output_path
+from .fileio import atomic_write_many, check_output_path
 from .model import constants_to_initializers, drop_initializer_inputs, float_weight_count, is_qdq_int8, load_model, opset_of, qdq_weights, save_model, simplify, upgrade_opset
 from .passes import PassContext, run_passes
 from .passes.clip import ClipPass
 from .passes.faq import FAQPass, memory_map_for
 from .passes.quantize import QuantizePass
+from .clip_search import search_clip
+from .faults import parse_fault_spec
+from .faults.chip import ChipFaults
 from .report import REPORT_SCHEMA, to_json
+from .resilience import DEFAULT_FAULTS, measure
 from .simulate import ChipEvaluator, float_reference, model_values, read_through_chip
 
 
@@ -39,11 +43,13 @@ class ApplyOptions:
 
     clip: bool = True
     clip_style: str = "zero"
-    clip_percentile: float = 100.0
+    clip_percentile: float | None = None  # None: chosen by measured resilience (clip_search.py)
     compensation: bool = True
     bias_correction: bool = True
     calib_samples: int = 256
     seed: int = 0
+    trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
+    faults: tuple[str, ...] = DEFAULT_FAULTS
 
 
 @dataclass
@@ -93,8 +99,13 @@ def apply(
     options: ApplyOptions | None = None,
     progress: Callable[[str], None] | None = None,
     write: bool = True,
+    extra_outputs: Mapping[str | os.PathLike, Callable[[dict], str]] | None = None,
 ) -> ApplyResult:
-    """Harden `model_path` for the chip in `faultmap_path`; see the module docstring."""
+    """Harden `model_path` for the chip in `faultmap_path`; see the module docstring.
+
+    `extra_outputs` maps more output paths to functions of the finished report (the CLI's
+    --summary-md); they are written together with the model and the report, as one step.
+    """
     opts = options or ApplyOptions()
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
@@ -107,6 +118,13 @@ def apply(
             if Path(report_path).resolve() == out_path.resolve():
                 raise InputError(f"--report {report_path} is the same path as the output model")
             check_output_path(report_path, model_path, faultmap_path, data_path, eval_data_path, out_path)
+        taken = {out_path.resolve()} | ({Path(report_path).resolve()} if report_path is not None else set())
+        for extra in extra_outputs or {}:
+            if Path(extra).resolve() in taken:
+                raise InputError(f"output path {extra} is also another output of this run; choose another path")
+            check_output_path(extra, model_path, faultmap_path, data_path, eval_data_path)
+            taken.add(Path(extra).resolve())
+    points = [m for spec in opts.faults for m in parse_fault_spec(spec)] if opts.trials > 0 else []
     say("load")
     model = load_model(model_path)
     calib = load_npz(data_path, model, role="calibration data")
@@ -129,7 +147,14 @@ def apply(
         float_model.CopyFrom(model)
         if fm is None:  # a CSV map: sized to the model's weights, read before the real work
             fm = read_faultmap(faultmap_path, float_weight_count(model))
-        passes = ([ClipPass(opts.clip_style, opts.clip_percentile)] if opts.clip else []) + [QuantizePass()]
+        percentile = opts.clip_percentile
+        if opts.clip and percentile is None:
+            say("clip search")
+            t0 = time.perf_counter()
+            choice = search_clip(float_model, calib, style=opts.clip_style, seed=opts.seed)
+            records.append({"pass": "clip-search", "modified": False, "seconds": round(time.perf_counter() - t0, 4), **choice.record})
+            percentile = choice.percentile
+        passes = ([ClipPass(opts.clip_style, percentile)] if opts.clip else []) + [QuantizePass()]
         qmodel, recs = run_passes(model, passes, ctx)
         records += recs
     if not qdq_weights(qmodel):
@@ -149,6 +174,12 @@ def apply(
     say("simulate")
     t0 = time.perf_counter()
     results = evaluate_on_chip(float_model, plain, hardened, fm, evald)
+    if opts.trials > 0:
+        say("campaign")
+        variants = _variants(float_model, plain, hardened, ctx, opts)
+        points = [ChipFaults(fm), *points]
+        _, ref = float_reference(float_model if float_model is not None else plain, evald)
+        results["resilience"] = measure(variants, evald, ref, points, trials=opts.trials, seed=opts.seed)
     records.append({"pass": "simulate", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
     report = {
@@ -169,16 +200,29 @@ def apply(
     result = ApplyResult(hardened, report)
     if write:
         say("write")
-        save_model(hardened, out_path)
-        report["output"] = {"model": str(out_path), "sha256": sha256_of(out_path)}
+        model_bytes = hardened.SerializeToString(deterministic=True)
+        report["output"] = {"model": str(out_path), "sha256": hashlib.sha256(model_bytes).hexdigest()}
         report["seconds"] = round(time.perf_counter() - started, 3)
-        result.output = out_path
+        files = [(out_path, model_bytes)]
         if report_path is not None:
-            atomic_write_text(report_path, to_json(report))
-            result.report_path = Path(report_path)
+            files.append((report_path, to_json(report).encode("utf-8")))
+        files += [(path, render(report).encode("utf-8")) for path, render in (extra_outputs or {}).items()]
+        atomic_write_many(files)  # all or nothing, even under Ctrl-C
+        result.output = out_path
+        result.report_path = Path(report_path) if report_path is not None else None
     else:
         report["seconds"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def _variants(float_model, plain, hardened, ctx: PassContext, opts: ApplyOptions) -> list[tuple[str, str | None, onnx.ModelProto]]:
+    """The model after each pass, for the ablation: int8 [-> int8+clip] -> hardened."""
+    if float_model is None or not opts.clip:
+        return [("int8", None, plain), ("hardened", "faq", hardened)]
+    bare = onnx.ModelProto()
+    bare.CopyFrom(float_model)
+    unclipped = QuantizePass().call(bare, PassContext(calib=ctx.calib, seed=opts.seed)).model
+    return [("int8", None, unclipped), ("int8+clip", "clip", plain), ("hardened", "faq", hardened)]
 
 
 def evaluate_on_chip(float_model, plain: onnx.ModelProto, hardened: onnx.ModelProto, fm: FaultMap, data: Dataset) -> dict:

@@ -33,9 +33,23 @@ def summary_table(report: dict) -> str:
     ]
     if res.get("recovery") is not None:
         lines.append(f"  recovered {100 * res['recovery']:.1f}% of the accuracy plain int8 loses on this chip")
+    res_block = res.get("resilience")
+    if res_block:
+        names = [v["name"] for v in res_block["variants"]]
+        lines.append(f"resilience ({res_block['trials']} trials per random point; mean accuracy):")
+        lines.append("  " + f"{'fault point':<28}" + "".join(f"{n:>12}" for n in names))
+        for point in ["clean", *res_block["points"]]:
+            cells = "".join(f"{_pct(res_block['figures'][n][point]['accuracy']['mean']):>12}" for n in names)
+            lines.append(f"  {point[:27]:<28}{cells}")
+        helps = [f"{a['pass']} +{100 * a['gain']:.1f} pts at {a['point']}" for a in res_block["ablation"] if a["verdict"] == "helps"]
+        hurts = [f"{a['pass']} {100 * a['gain']:.1f} pts at {a['point']}" for a in res_block["ablation"] if a["verdict"] == "hurts"]
+        if helps:
+            lines.append("  measured gains: " + "; ".join(helps))
+        if hurts:
+            lines.append("  measured losses: " + "; ".join(hurts))
     lines.append("passes:")
     for rec in report["passes"]:
-        lines.append(f"  {rec['pass']:<9} {rec.get('seconds', 0):7.2f}s  {_pass_note(rec)}")
+        lines.append(f"  {rec['pass']:<11} {rec.get('seconds', 0):7.2f}s  {_pass_note(rec)}")
     return "\n".join(lines)
 
 
@@ -46,8 +60,11 @@ def _pass_note(rec: dict) -> str:
     if name == "simplify":
         return f"opset {rec['opset_in']} -> {rec['opset_out']}, {rec['nodes_in']} -> {rec['nodes_out']} nodes"
     if name == "clip":
-        n = len(rec.get("layers", []))
-        return f"{rec['style']} style on {n} ReLUs, {rec.get('threshold_values', 0)} thresholds"
+        n = sum(1 for layer in rec.get("layers", []) if layer.get("relu"))
+        guard = " + output guard" if rec.get("output_guard") else ""
+        return f"{rec['style']} style on {n} ReLUs{guard}, {rec.get('threshold_values', 0)} thresholds"
+    if name == "clip-search":
+        return f"threshold percentile {rec['chosen_percentile']} chosen by {rec['fault']} ({len(rec['candidates']) - 1} candidates)"
     if name == "quantize":
         return f"{rec['int8_tensors']} int8 tensors, {rec['int8_weights']} weights (per-channel, symmetric)"
     if name == "faq":

@@ -26,6 +26,9 @@ def _chip(tmp_path: Path, model: Path, rate: float, seed: int) -> Path:
 
 
 def _apply(tmp_path, model, chip, calib, test=None, **opts):
+    """apply without the resilience campaign unless asked (tests/test_resilience.py covers it)."""
+    opts.setdefault("trials", 0)
+    opts.setdefault("clip_percentile", 100.0)
     out = tmp_path / f"{model.stem}.{chip.stem}.hardened.onnx"
     return apply(model, chip, calib, out, eval_data_path=test, report_path=out.with_suffix(".json"), options=ApplyOptions(**opts))
 
@@ -177,8 +180,8 @@ def test_stored_codes_are_what_the_chip_reads(tmp_path, plain_cnn, digits_calib_
 
 def test_same_seed_same_bytes(tmp_path, residual_cnn, digits_calib_npz):
     chip = _chip(tmp_path, residual_cnn, 0.04, 2)
-    a = apply(residual_cnn, chip, digits_calib_npz, tmp_path / "a.onnx", options=ApplyOptions(seed=7))
-    b = apply(residual_cnn, chip, digits_calib_npz, tmp_path / "b.onnx", options=ApplyOptions(seed=7))
+    a = apply(residual_cnn, chip, digits_calib_npz, tmp_path / "a.onnx", options=ApplyOptions(seed=7, trials=5))
+    b = apply(residual_cnn, chip, digits_calib_npz, tmp_path / "b.onnx", options=ApplyOptions(seed=7, trials=5))
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert a.report["results"] == b.report["results"]
 

@@ -40,7 +40,7 @@ from harden.faultmap import HEADER_SIZE, generate_uniform, read_faultmap, write_
 from harden.memory import weight_count
 
 MODEL, FAULTMAP, DATA = "model.onnx", "chip.bin", "calib.npz"
-OUT_MODEL, OUT_REPORT = "model.hardened.onnx", "report.json"
+OUT_MODEL, OUT_REPORT, OUT_SUMMARY = "model.hardened.onnx", "report.json", "summary.md"
 
 
 # --- the valid base set ----------------------------------------------------------------------
@@ -70,10 +70,11 @@ class Paths:
     data: Path
     output: Path
     report: Path
+    summary: Path
 
     def argv(self) -> list[str]:
         return ["apply", str(self.model), "--faultmap", str(self.faultmap), "--data", str(self.data),
-                "-o", str(self.output), "--report", str(self.report)]
+                "-o", str(self.output), "--report", str(self.report), "--summary-md", str(self.summary)]
 
 
 def fresh_inputs(base: Path, tmp: Path) -> Paths:
@@ -82,7 +83,7 @@ def fresh_inputs(base: Path, tmp: Path) -> Paths:
     shutil.copytree(base, indir)
     outdir.mkdir()
     return Paths(indir, outdir, indir / MODEL, indir / FAULTMAP, indir / DATA,
-                 outdir / OUT_MODEL, outdir / OUT_REPORT)
+                 outdir / OUT_MODEL, outdir / OUT_REPORT, outdir / OUT_SUMMARY)
 
 
 # --- helpers to break one thing --------------------------------------------------------------
@@ -196,6 +197,50 @@ def absurd_input_dim(p: Paths) -> None:
     write_model(p.model, model)
 
 
+def absurd_value_info_dim(p: Paths) -> None:
+    """An intermediate tensor declared [2**40, 8]: shape inference and quantization would choke."""
+    model = onnx.load(str(p.model))
+    name = model.graph.node[0].output[0]
+    model.graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1 << 40, 8]))
+    write_model(p.model, model)
+
+
+def absurd_constant_of_shape(p: Paths) -> None:
+    """The first conv weight made by ConstantOfShape([2**40, 1, 3, 3]) (legacy models make weights
+    this way, and onnxsim would try to fold it into a 40 TB initializer)."""
+    model = onnx.load(str(p.model))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    i = next(i for i, t in enumerate(model.graph.initializer) if t.name == conv.input[1])
+    name = model.graph.initializer[i].name
+    del model.graph.initializer[i]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1 << 40, 1, 3, 3], np.int64), "w_shape"))
+    fill = helper.make_tensor("fill", TensorProto.FLOAT, [1], [0.1])
+    model.graph.node.insert(0, helper.make_node("ConstantOfShape", ["w_shape"], [name], name="make_w", value=fill))
+    write_model(p.model, model)
+
+
+def undefined_tensor(p: Paths) -> None:
+    """A node reads a tensor nothing defines (a missing input)."""
+    model = onnx.load(str(p.model))
+    model.graph.node[0].input[0] = "ghost"
+    write_model(p.model, model)
+
+
+def no_graph_inputs(p: Paths) -> None:
+    """The graph input is gone; its first node still reads it."""
+    model = onnx.load(str(p.model))
+    del model.graph.input[:]
+    write_model(p.model, model)
+
+
+def nodes_out_of_order(p: Paths) -> None:
+    model = onnx.load(str(p.model))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([nodes[1], nodes[0]] + nodes[2:])
+    write_model(p.model, model)
+
+
 def npz(**arrays):
     """A case builder that replaces the calibration data with `arrays` (callables of the base)."""
 
@@ -270,6 +315,12 @@ CASES = [
     Case("model-external-data-absolute", external_data_at("/etc/passwd"), r"outside the model's folder"),
     Case("model-external-data-missing", external_data_at("weights.bin"), r"external data file .* not found"),
     Case("model-absurd-input-dim", absurd_input_dim, r"absurd dimension 1099511627776"),
+    Case("model-absurd-value-info-dim", absurd_value_info_dim, r"absurd dimension 1099511627776"),
+    Case("model-absurd-constant-of-shape", absurd_constant_of_shape,
+         r"'make_w' \(ConstantOfShape\) would make a tensor of shape \[1099511627776, 1, 3, 3\]; refused"),
+    Case("model-undefined-tensor", undefined_tensor, r"invalid ONNX model: node .* reads 'ghost', which no graph input"),
+    Case("model-no-graph-inputs", no_graph_inputs, r"invalid ONNX model: the graph declares no inputs"),
+    Case("model-nodes-out-of-order", nodes_out_of_order, r"reads .* before the node that makes it"),
     Case("model-no-weights", no_weight_model, r"no .*weights", runs_pipeline=True),
     # the fault map
     Case("faultmap-missing", remove("faultmap"), r"no such file"),
@@ -327,6 +378,8 @@ CASES = [
     Case("report-is-data", output_is("report=data"), r"output path .* is the input"),
     Case("report-is-output", report_equals_output, r"--report .* is the same path as the output model"),
     Case("output-folder-missing", output_folder_missing, r"output folder .* does not exist"),
+    Case("summary-is-data", output_is("summary=data"), r"output path .* is the input"),
+    Case("summary-is-report", output_is("summary=report"), r"output path .* is also another output"),
 ]
 CASE_IDS = [c.id for c in CASES]
 BY_ID = {c.id: c for c in CASES}
@@ -347,7 +400,7 @@ def check_nothing_written(p: Paths, before: dict[str, bytes], out_listing: set[s
     assert set(os.listdir(p.indir)) == set(before), "files appeared in the input folder"
     for name, data in before.items():
         assert (p.indir / name).read_bytes() == data, f"input {name} was modified"
-    for path in (p.output, p.report):
+    for path in (p.output, p.report, p.summary):
         existed = path.parent == p.indir or (path.parent == p.outdir and path.name in out_listing)
         if not existed:  # (an output aimed at an input is checked above: the input is unchanged)
             assert not path.exists(), f"{path} was written"
@@ -398,6 +451,7 @@ SUBPROCESS_CASES = [  # (case, launcher): the console script on two, `python -m 
     ("model-no-weights", "console-script"),  # runs onnxsim and onnxruntime: no library noise either
     ("model-no-weights", "python-m"),
     ("model-external-data-dotdot", "python-m"),
+    ("model-undefined-tensor", "python-m"),
     ("faultmap-bad-crc", "python-m"),
     ("faultmap-stuck-both-ways", "python-m"),
     ("data-pickled", "python-m"),
@@ -433,7 +487,7 @@ def test_valid_base_inputs_succeed(base: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, p.argv() + ["--quiet"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert "error" not in result.stderr.lower(), result.stderr
-    assert sorted(os.listdir(p.outdir)) == sorted([OUT_MODEL, OUT_REPORT])
+    assert sorted(os.listdir(p.outdir)) == sorted([OUT_MODEL, OUT_REPORT, OUT_SUMMARY])
     hardened = onnx.load(str(p.output))
     onnx.checker.check_model(hardened)
     assert "harden.memory_map" in {m.key for m in hardened.metadata_props}

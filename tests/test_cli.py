@@ -15,7 +15,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 def _apply(tmp_path, *extra):
     args = ["apply", str(SAMPLES / "model.onnx"), "--faultmap", str(SAMPLES / "chip.bin"), "--data", str(SAMPLES / "calib.npz"),
-            "--eval-data", str(SAMPLES / "test.npz"), "-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "r.json"), "-q", *extra]
+            "--eval-data", str(SAMPLES / "test.npz"), "-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "r.json"), "-q", "--trials", "0", *extra]
     return CliRunner().invoke(main, args)
 
 
