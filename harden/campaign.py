@@ -17,6 +17,15 @@ rare). With a margin, a point stops as soon as the half-width of its accuracy in
 requested confidence) is within the margin, checked every `check_every` trials after
 `min_trials`; the cap is Leveugle's sample size for that margin (p = 0.5, unbounded
 population) unless `trials` is given.
+
+Per-layer vulnerability (`add_per_layer`, `simulate --per-layer SPEC`): one more point per
+tensor the fault model can hit, each the same model restricted to that tensor (`tensors=`);
+they are ordinary points of the same campaign (indices after the `--fault` points, so
+`--show-trial` re-derives them too) and are reported ranked by accuracy loss.
+
+Activation faults (`bitflip-act`) run on a second session, the rewrite of
+faults/activation.py, built only when a point needs it; those points are scored against that
+session's own clean predictions.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from . import __version__
 from .data import Dataset, load_npz
 from .errors import InputError
 from .faults import (
+    ActivationEvaluator,
+    ActivationSpace,
     ChipFaults,
     Fault,
     FaultModel,
@@ -118,6 +129,32 @@ class PointResult:
 
 
 @dataclass
+class Baseline:
+    """What the trials of a point are compared with: the clean predictions of the session that
+    runs them, the target they are scored against, and which inputs the clean model gets right."""
+
+    clean_pred: np.ndarray
+    target: np.ndarray
+    correct: np.ndarray = field(init=False)
+    n_correct: int = field(init=False)
+    clean_accuracy: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.correct = self.clean_pred == self.target
+        self.n_correct = int(self.correct.sum())
+        self.clean_accuracy = float(self.correct.mean()) if self.target.size else 0.0
+
+
+@dataclass
+class PerLayer:
+    """The per-layer points of a campaign: `base` restricted to each of `tensors` in turn."""
+
+    base: FaultModel
+    indices: list[int]
+    tensors: list  # faults.Tensor, in the space's order
+
+
+@dataclass
 class CampaignResult:
     clean_accuracy: float
     reference: str
@@ -143,45 +180,134 @@ class Campaign:
         self.space = WeightSpace.from_model(model)
         if not self.space.weights:
             raise InputError("the model has no int8 Conv/Gemm/MatMul weights (not an int8 QDQ model)")
+        self.model = model
+        self.data = data
         self.points = list(points)
-        for p in self.points:
-            p.check(self.space)
         self.seed = int(seed)
+        self.per_layer: PerLayer | None = None
         if evaluator is None:
             ref = Reference(data.labels, "labels") if data.labels is not None else Reference(np.empty(0, np.int64), "agreement")
             evaluator = ChipEvaluator(model, data, ref)
         self.evaluator = evaluator
         self.values = evaluator.defaults  # the clean int8 weights and int32 biases
         self.clean_pred = evaluator.predictions()
-        if evaluator.reference.kind == "agreement" and evaluator.reference.target.size == 0:
+        self._self_reference = evaluator.reference.kind == "agreement" and evaluator.reference.target.size == 0
+        if self._self_reference:
             evaluator.reference = Reference(self.clean_pred, "agreement")
         self.target = evaluator.reference.target
         self.correct = self.clean_pred == self.target
         self.n_correct = int(self.correct.sum())
         self.clean_accuracy = float(self.correct.mean())
+        self.baseline = Baseline(self.clean_pred, self.target)
+        self._sessions: dict[str, tuple[object, Baseline]] = {}
+        for p in self.points:
+            p.check(self.space_of(p))
+
+    # --- the spaces and sessions a point runs on -------------------------------------------
+
+    @staticmethod
+    def kind_of(model: FaultModel) -> str:
+        """The session a fault model runs on: "weights" (the default) or a SESSION_KINDS key."""
+        return getattr(model, "space_kind", "weights")
+
+    @classmethod
+    def is_activation(cls, model: FaultModel) -> bool:
+        return cls.kind_of(model) == "activations"
+
+    @classmethod
+    def is_analog(cls, model: FaultModel) -> bool:
+        return cls.kind_of(model) == "analog"
+
+    def session(self, kind: str):
+        """The side session of `kind` (built on first use) and its clean baseline. Labels (or a
+        given reference) stay the target; a self-made agreement reference becomes that
+        session's own clean predictions."""
+        if kind not in self._sessions:
+            factory = SESSION_KINDS.get(kind)
+            if factory is None:
+                raise InputError(f"no session for fault models of space_kind {kind!r} (known: weights, {', '.join(SESSION_KINDS)})")
+            ev = factory(self.model, self.data)
+            target = ev.clean if self._self_reference else self.target
+            self._sessions[kind] = (ev, Baseline(ev.clean, target))
+        return self._sessions[kind]
+
+    @property
+    def activations(self) -> ActivationEvaluator:
+        """The activation-fault session (built on first use)."""
+        return self.session("activations")[0]
+
+    @property
+    def act_space(self) -> ActivationSpace:
+        return self.activations.space
+
+    def space_of(self, model: FaultModel):
+        kind = self.kind_of(model)
+        return self.space if kind == "weights" else self.session(kind)[0].space
+
+    def baseline_of(self, point: int) -> Baseline:
+        kind = self.kind_of(self.points[point])
+        return self.baseline if kind == "weights" else self.session(kind)[1]
+
+    # --- per-layer vulnerability -------------------------------------------------------------
+
+    def add_per_layer(self, base: FaultModel) -> PerLayer:
+        """Append one point per tensor `base` can hit, each `base` restricted to that tensor."""
+        if self.per_layer is not None:
+            raise InputError("the campaign already has per-layer points")
+        if not (callable(getattr(base, "targets", None)) and callable(getattr(base, "restricted", None))):
+            raise InputError(f"--per-layer: fault model {getattr(base, 'name', base)!r} cannot be restricted to one tensor")
+        if getattr(base, "params", None) is not None and getattr(base.params, "tensors", None) is not None:
+            raise InputError("--per-layer takes an unrestricted fault model (it restricts it to each tensor in turn)")
+        space = self.space_of(base)
+        base.check(space)
+        tensors = list(base.targets(space))
+        start = len(self.points)
+        for t in tensors:
+            m = base.restricted((t.name,))
+            m.check(space)
+            self.points.append(m)
+        self.per_layer = PerLayer(base, list(range(start, len(self.points))), tensors)
+        return self.per_layer
+
+    @property
+    def main_points(self) -> int:
+        """How many points come before the per-layer ones."""
+        return self.per_layer.indices[0] if self.per_layer and self.per_layer.indices else len(self.points)
 
     # --- one trial -----------------------------------------------------------------------
 
     def injection(self, point: int, trial: int) -> Injection:
         """The faults of trial `trial` of point `point` (re-derived from the seed alone)."""
-        return self.points[point].sample(trial_rng(self.seed, point, trial), self.space)
+        model = self.points[point]
+        return model.sample(trial_rng(self.seed, point, trial), self.space_of(model))
 
     def describe_trial(self, point: int, trial: int) -> list[Fault]:
-        """Every faulty cell of the trial: (tensor, flat index, bit, kind, changes the value?)."""
-        return self.injection(point, trial).faults(self.values)
+        """Every faulty cell of the trial: (tensor, flat index, bit, kind, changes the value?).
+        For activation faults the index is flat over [samples, ...] of the quantized tensor."""
+        inj = self.injection(point, trial)
+        if self.kind_of(self.points[point]) != "weights":
+            return [f._replace(changes=True) if f.kind == "flip" else f for f in inj.faults(None)]
+        return inj.faults(self.values)
 
     def faulty_values(self, point: int, trial: int) -> dict[str, np.ndarray]:
-        """All int8 weights and int32 biases as the trial's faults leave them."""
+        """All int8 weights and int32 biases as the trial's faults leave them (faults that run
+        on another session, e.g. activation faults, leave them clean)."""
+        if self.kind_of(self.points[point]) != "weights":
+            return dict(self.values)
         return self.injection(point, trial).apply(self.values)
 
     def run_trial(self, point: int, trial: int) -> TrialResult:
         inj = self.injection(point, trial)
-        if inj.tensors:
+        base = self.baseline_of(point)
+        kind = self.kind_of(self.points[point])
+        if not inj.tensors:  # nothing hit: the clean predictions (the session is deterministic)
+            pred = base.clean_pred
+        elif kind != "weights":
+            pred = self.session(kind)[0].predictions(inj)
+        else:
             pred = self.evaluator.predictions(inj.apply(self.values))
-        else:  # nothing hit: the clean predictions (the session is deterministic)
-            pred = self.clean_pred
-        acc = float(np.mean(pred == self.target))
-        events = int(np.count_nonzero(pred[self.correct] != self.clean_pred[self.correct]))
+        acc = float(np.mean(pred == base.target))
+        events = int(np.count_nonzero(pred[base.correct] != base.clean_pred[base.correct]))
         return TrialResult(point, trial, acc, events, inj.cells)
 
     # --- the campaign --------------------------------------------------------------------
@@ -226,6 +352,7 @@ class Campaign:
 
     def point_record(self, pr: PointResult, options: CampaignOptions) -> dict:
         m = pr.model
+        n_correct = self.baseline_of(pr.index).n_correct
         acc = summarize(pr.accuracy, 0.95)
         acc_c = summarize(pr.accuracy, options.confidence)
         rec = {
@@ -243,10 +370,13 @@ class Campaign:
             },
             "accuracy": _figure(acc, acc_c, m.deterministic),
         }
-        if self.n_correct:
-            rates = pr.sdc1_events / self.n_correct
+        if self.kind_of(m) != "weights":
+            rec["session"] = self.kind_of(m)
+            rec["clean_accuracy"] = round(self.baseline_of(pr.index).clean_accuracy, 6)
+        if n_correct:
+            rates = pr.sdc1_events / n_correct
             s, s_c = summarize(rates, 0.95), summarize(rates, options.confidence)
-            events, opportunities = int(pr.sdc1_events.sum()), pr.trials * self.n_correct
+            events, opportunities = int(pr.sdc1_events.sum()), pr.trials * n_correct
             lo, hi = wilson(events, opportunities, 0.95)
             rec["sdc1"] = {
                 **_figure(s, s_c, m.deterministic),
@@ -273,21 +403,122 @@ class Campaign:
         if trial < 0:
             raise InputError(f"--show-trial: trial must be >= 0, got {trial}")
         r = self.run_trial(point, trial)
-        faults = self.describe_trial(point, trial)
+        faults = [f._asdict() for f in self.describe_trial(point, trial)]
+        if self.is_activation(self.points[point]):
+            per_sample = {s.name: s.elements for s in self.act_space.sites}
+            for f in faults:
+                f["sample"], f["element"] = divmod(f["index"], per_sample[f["tensor"]])
+        n_correct = self.baseline_of(point).n_correct
         return {
             "point": point,
             "label": self.points[point].label,
             "trial": trial,
             "rng": [self.seed, point, trial],
             "accuracy": round(r.accuracy, 6),
-            "sdc1": round(r.sdc1_events / self.n_correct, 6) if self.n_correct else None,
+            "sdc1": round(r.sdc1_events / n_correct, 6) if n_correct else None,
             "faulty_cells": r.faulty_cells,
-            "faults": [f._asdict() for f in faults],
+            "faults": faults,
         }
+
+    def per_layer_records(self, result: CampaignResult, options: CampaignOptions) -> list[dict]:
+        """The per-layer points ranked by accuracy loss (rank 1 loses the most), each with the
+        tensor, its op, size, accuracy (mean, std, ci95), loss = clean - mean accuracy and its
+        interval, SDC-1, faulty cells per trial and loss per faulty cell."""
+        if self.per_layer is None:
+            return []
+        by_index = {pr.index: pr for pr in result.points}
+        ops = {}
+        for w in self.evaluator.table:
+            ops[w.name] = (w.op_type, w.node_name)
+            if w.bias:
+                ops[w.bias] = (w.op_type, w.node_name)
+        sites = {s.name: s for s in self.act_space.sites} if self.is_activation(self.per_layer.base) else {}
+        out = []
+        for i, t in zip(self.per_layer.indices, self.per_layer.tensors):
+            pr = by_index[i]
+            rec = self.point_record(pr, options)
+            clean = self.baseline_of(i).clean_accuracy
+            acc = rec["accuracy"]
+            lo, hi = acc["ci95"] if acc["ci95"] else (acc["mean"], acc["mean"])
+            entry = {"index": i, "label": rec["label"], "tensor": t.name, "kind": t.kind}
+            if t.kind == "activation":
+                site = sites[t.name]
+                entry.update(op=site.producer, node=None, elements=site.elements)
+            else:
+                op, node = ops.get(t.name, (None, None))
+                entry.update(op=op, node=node, elements=t.size)
+                if t.kind == "weight":
+                    entry["weights"] = t.size
+            loss = clean - acc["mean"]
+            cells = rec["faulty_cells"]["mean"]
+            entry.update(
+                trials=rec["trials"],
+                faulty_cells=cells,
+                accuracy=acc,
+                loss=round(loss, 6),
+                loss_ci95=[round(clean - hi, 6), round(clean - lo, 6)],
+                loss_per_fault=round(loss / cells, 8) if cells else None,
+                sdc1=None if rec["sdc1"] is None else {k: rec["sdc1"][k] for k in ("mean", "ci95", "wilson95")},
+            )
+            out.append(entry)
+        order = sorted(range(len(out)), key=lambda k: (-out[k]["loss"], out[k]["index"]))
+        for rank, k in enumerate(order, 1):
+            out[k]["rank"] = rank
+        return [out[k] for k in order]
+
+    def session_record(self, kind: str) -> dict | None:
+        """How the clean outputs of side session `kind` compare with the weight session's
+        (None when no point ran on it); for "activations" also its injection sites."""
+        if kind not in self._sessions:
+            return None
+        ev, base = self._sessions[kind]
+        fused = self.evaluator.logits(None)
+        same = fused.shape == ev.clean_logits.shape
+        clean = {
+            "accuracy": round(base.clean_accuracy, 6),
+            "correct": base.n_correct,
+            "logits_identical": bool(same and np.array_equal(fused, ev.clean_logits)),
+            "max_abs_logit_difference": float(np.max(np.abs(fused.astype(np.float64) - ev.clean_logits))) if same else None,
+            "predictions_identical": bool(np.array_equal(self.clean_pred, ev.clean)),
+        }
+        compare = getattr(ev, "compare_fused", None)
+        if callable(compare):  # the session's own comparison (e.g. analog: top-1 agreement rate)
+            clean.update(compare(fused))
+        rec: dict = {"opset": int(next((o.version for o in ev.model.opset_import if o.domain in ("", "ai.onnx")), 0))}
+        if kind == "activations":
+            rec.update(
+                sites=[
+                    {"tensor": s.name, "dtype": str(s.dtype), "shape": list(s.shape), "elements": s.elements, "producer": s.producer}
+                    for s in ev.sites
+                ],
+                skipped=list(ev.skipped),
+                bits_per_sample=ev.space.bits_per_sample,
+            )
+        rec["clean"] = clean
+        return rec
+
+    def activation_record(self) -> dict | None:
+        """The activation-fault session: sites and clean comparison (None when unused)."""
+        return self.session_record("activations")
+
+
+def _analog_session(model: onnx.ModelProto, data: Dataset):
+    from .faults.variability import AnalogEvaluator
+
+    return AnalogEvaluator(model, data)
+
+
+#: Side sessions by a fault model's `space_kind`: factory(model, data) -> an evaluator with
+#: `space` (what `sample` draws over), `clean`, `clean_logits`, `model` and
+#: `predictions(injection)`. "weights" is the campaign's own ChipEvaluator.
+SESSION_KINDS: dict[str, Callable[[onnx.ModelProto, Dataset], object]] = {
+    "activations": ActivationEvaluator,
+    "analog": _analog_session,
+}
 
 
 def describe_trial(
-    model: onnx.ModelProto | WeightSpace,
+    model: onnx.ModelProto | WeightSpace | ActivationSpace,
     fault: FaultModel | str,
     seed: int,
     point: int,
@@ -303,6 +534,12 @@ def describe_trial(
         if len(models) != 1:
             raise InputError(f"{fault!r} names {len(models)} points; give one")
         fault = models[0]
+    if isinstance(model, ActivationSpace) or getattr(fault, "space_kind", "weights") == "activations":
+        if not isinstance(model, ActivationSpace):
+            raise InputError(f"{fault.label}: activation faults are drawn over a data set; pass the campaign's act_space")
+        fault.check(model)
+        faults = fault.sample(trial_rng(seed, point, trial), model).faults(None)
+        return [f._replace(changes=True) if f.kind == "flip" else f for f in faults]
     if isinstance(model, WeightSpace):
         space, values = model, None
     else:
@@ -324,14 +561,36 @@ class SimulationResult:
     result: CampaignResult | None = None
 
 
+def _per_layer_model(per_layer: str | FaultModel | None) -> FaultModel | None:
+    if per_layer is None or not isinstance(per_layer, str):
+        return per_layer
+    models = parse_fault_spec(per_layer)
+    if len(models) != 1:
+        raise InputError(f"--per-layer takes one fault point (e.g. bitflip:1e-2); {per_layer!r} gives {len(models)}")
+    return models[0]
+
+
+def _check_diagnostics(rho: float, samples: int) -> None:
+    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and 0.0 < rho < 10.0):
+        raise InputError(f"--rho must be in (0, 10), got {rho!r}")
+    if not _is_int(samples) or samples < 2:
+        raise InputError(f"sharpness samples must be an integer >= 2, got {samples!r}")
+
+
 def prepare_campaign(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
     faults: Sequence[str] = (),
     faultmaps: Sequence[str | os.PathLike] = (),
     options: CampaignOptions | None = None,
+    *,
+    per_layer: str | FaultModel | None = None,
+    allow_empty: bool = False,
 ) -> tuple[Campaign, onnx.ModelProto, Dataset]:
-    """Check every input (options, fault specs, model, data) and build the campaign."""
+    """Check every input (options, fault specs, model, data) and build the campaign.
+
+    `per_layer`: a fault spec naming one point (or a FaultModel), appended as one point per
+    tensor it can hit. `allow_empty`: no point at all is fine (diagnostics only)."""
     opts = options or CampaignOptions()
     opts.validate()
     points: list[FaultModel] = []
@@ -339,13 +598,17 @@ def prepare_campaign(
         points += parse_fault_spec(spec)
     for path in faultmaps:
         points.append(ChipFaults.from_path(path))
-    if not points:
-        raise InputError("nothing to simulate: give --fault SPEC (e.g. bitflip:1e-4,1e-3) or --faultmap CHIP")
+    base = _per_layer_model(per_layer)
+    if not points and base is None and not allow_empty:
+        raise InputError("nothing to simulate: give --fault SPEC (e.g. bitflip:1e-4,1e-3), --faultmap CHIP, "
+                         "--per-layer SPEC or --diagnostics")
     model = load_model(model_path)
     if not is_qdq_int8(model):
         raise InputError(f"{model_path}: simulate takes an int8 QDQ model, this one has float weights; run harden apply first")
     data = load_npz(data_path, model, role="data")
     campaign = Campaign(model, data, points, seed=opts.seed)
+    if base is not None:
+        campaign.add_per_layer(base)
     return campaign, model, data
 
 
@@ -356,20 +619,32 @@ def simulate(
     faultmaps: Sequence[str | os.PathLike] = (),
     options: CampaignOptions | None = None,
     *,
+    per_layer: str | FaultModel | None = None,
+    diagnostics: bool = False,
+    rho: float = 0.05,
+    sharpness_samples: int = 10,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     show_trial: tuple[int, int] | None = None,
 ) -> SimulationResult:
     """Run a campaign (or re-derive one trial with `show_trial=(point, trial)`) and report it.
 
-    `on_start(total_planned_trials)` is called once the inputs are checked, before any trial.
+    `per_layer`: one fault point (spec or FaultModel) run on each tensor alone; the report's
+    `per_layer` ranks the tensors by accuracy loss. `diagnostics`: add activation sparsity and
+    epsilon-sharpness at `rho` over `sharpness_samples` perturbations (seeded by the campaign
+    seed). `on_start(total_planned_trials)` is called once the inputs are checked, before any
+    trial.
     """
     from .pipeline import sha256_of
 
     started = time.perf_counter()
     opts = options or CampaignOptions()
-    campaign, _, data = prepare_campaign(model_path, data_path, faults, faultmaps, opts)
+    if diagnostics:
+        _check_diagnostics(rho, sharpness_samples)
+    campaign, model, data = prepare_campaign(model_path, data_path, faults, faultmaps, opts,
+                                             per_layer=per_layer, allow_empty=diagnostics)
     space = campaign.space
+    n_main = campaign.main_points
     report: dict = {
         "schema": REPORT_SCHEMA,
         "harden_version": __version__,
@@ -385,7 +660,7 @@ def simulate(
             "int32_biases": sum(t.size for t in space.biases),
         },
         "options": {**asdict(opts), "planned_trials": opts.planned_trials()},
-        "points": [{"index": i, "label": p.label, "fault": _describe(p)} for i, p in enumerate(campaign.points)],
+        "points": [{"index": i, "label": p.label, "fault": _describe(p)} for i, p in enumerate(campaign.points[:n_main])],
         "clean": {
             "reference": campaign.evaluator.reference.kind,
             "samples": len(data),
@@ -393,6 +668,14 @@ def simulate(
             "correct": campaign.n_correct,
         },
     }
+    pl = campaign.per_layer
+    if pl is not None:
+        report["per_layer_fault"] = {
+            "label": pl.base.label,
+            "fault": _describe(pl.base),
+            "tensors": len(pl.indices),
+            "points": [pl.indices[0], pl.indices[-1]] if pl.indices else [],
+        }
     if show_trial is not None:
         report["trial"] = campaign.trial_record(*show_trial)
         report["seconds"] = round(time.perf_counter() - started, 3)
@@ -400,7 +683,19 @@ def simulate(
     if on_start:
         on_start(campaign.total_planned(opts))
     result = campaign.run(opts, progress)
-    report["points"] = [campaign.point_record(p, opts) for p in result.points]
+    report["points"] = [campaign.point_record(p, opts) for p in result.points[:n_main]]
+    if pl is not None:
+        report["per_layer"] = campaign.per_layer_records(result, opts)
+    for kind in campaign._sessions:
+        key = "activation_faults" if kind == "activations" else kind
+        report[key] = campaign.session_record(kind)
+    if diagnostics:
+        from .diagnostics import diagnose
+
+        t0 = time.perf_counter()
+        report["diagnostics"] = diagnose(model, data, rho=rho, samples=sharpness_samples, seed=opts.seed,
+                                         evaluator=campaign.evaluator)
+        report["diagnostics"]["seconds"] = round(time.perf_counter() - t0, 3)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return SimulationResult(report, campaign, result)
 

@@ -6,8 +6,11 @@ use any one key), plus an optional `label` array of int class ids; never pickles
 
 from __future__ import annotations
 
+import lzma
+import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +19,16 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+
+#: Refuse a .npz that unpacks to more than this (16 GiB): a zip bomb, not calibration data.
+MAX_NPZ_BYTES = 1 << 34
+
+#: What zipfile and numpy raise on a damaged archive (bad CRC, unknown compression method,
+#: encrypted member, corrupt deflate / bzip2 / lzma stream, short member, bad .npy header).
+_UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError,
+               NotImplementedError, RuntimeError, OverflowError, zlib.error, lzma.LZMAError)
+
+_PICKLED = "holds pickled objects, which harden never loads; save plain numeric arrays"
 
 _ONNX_TO_NP = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -81,19 +94,61 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto, *, role: str = "da
     # np.load takes any other file (.npy, text, a pickle) too; only a zip of .npy arrays is a .npz.
     if not zipfile.is_zipfile(p):
         raise InputError(f"{p}: not a readable .npz (not a zip archive of .npy arrays, as numpy.savez writes)")
+    _check_npz_members(p)
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except ValueError as exc:
         if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-            raise InputError(f"{p}: holds pickled objects, which harden never loads; save plain numeric arrays") from None
+            raise InputError(f"{p}: {_PICKLED}") from None
         raise InputError(f"{p}: not a readable .npz ({str(exc)[:120]})") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise InputError(f"{p}: not a readable .npz ({type(exc).__name__})") from None
+    except _UNREADABLE as exc:
+        raise InputError(f"{p}: not a readable .npz ({type(exc).__name__}: {str(exc)[:120]})") from None
     odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
     if odd:  # np.load returns the raw bytes of a member that is not a .npy file
         raise InputError(f"{p}: not a readable .npz (member(s) {odd} are not .npy arrays)")
     return check_dataset(arrays, model, source=str(p))
+
+
+def _check_npz_members(p: Path) -> None:
+    """Before numpy allocates anything: the archive unpacks to a sane size, no member is
+    encrypted, and every .npy member's header (shape x dtype) accounts for exactly its bytes, so
+    a header that declares a huge shape is refused instead of allocated."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            infos = zf.infolist()
+            total = sum(i.file_size for i in infos)
+            if total > MAX_NPZ_BYTES:
+                raise InputError(f"{p}: unpacks to {total} bytes, more than the {MAX_NPZ_BYTES} harden loads; refused")
+            for info in infos:
+                if info.flag_bits & 0x1:
+                    raise InputError(f"{p}: member {info.filename!r} is encrypted; save plain numeric arrays")
+                if not info.filename.endswith(".npy"):
+                    continue  # np.load hands back its raw bytes; refused below
+                with zf.open(info) as fh:
+                    try:
+                        version = np.lib.format.read_magic(fh)
+                        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                        shape, _fortran, dtype = read_header(fh)
+                    except _UNREADABLE:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - numpy parses the header with tokenize and ast:
+                        # tokenize.TokenError, SyntaxError, RecursionError ... all mean a bad header
+                        raise InputError(f"{p}: not a readable .npz (bad .npy header in member {info.filename!r}: "
+                                         f"{type(exc).__name__})") from None
+                    if dtype.hasobject:
+                        raise InputError(f"{p}: {_PICKLED}")
+                    header = fh.tell()
+                need = math.prod(shape) * dtype.itemsize
+                if header + need != info.file_size:
+                    raise InputError(
+                        f"{p}: not a readable .npz (member {info.filename!r} declares shape {tuple(shape)} of {dtype}, "
+                        f"{need} bytes, but holds {info.file_size - header})"
+                    )
+    except InputError:
+        raise
+    except _UNREADABLE as exc:
+        raise InputError(f"{p}: not a readable .npz ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def check_dataset(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, source: str = "<data>") -> Dataset:

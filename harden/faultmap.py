@@ -421,7 +421,8 @@ def _csv_syntax_error(lines: list[str], line_no: np.ndarray, source: str, exc: V
     """Find the line numpy could not parse (error path only, so a Python loop is fine)."""
     for n in line_no:
         line = lines[n - 1]
-        if not _CSV_LINE.fullmatch(line) or any(abs(int(v)) >= 2**63 for v in line.split(",")):
+        # strip() first: \s (and numpy) take blanks such as \x1f that int() refuses
+        if not _CSV_LINE.fullmatch(line) or any(abs(int(v.strip())) >= 2**63 for v in line.split(",")):
             got = line.strip()[:60]
             return InputError(f"{source}: line {n}: expected three integers 'address,bit,stuck', got {got!r}")
     return InputError(f"{source}: cannot parse the CSV: {exc}")

@@ -10,6 +10,7 @@ work has succeeded (atomic writes), so a failure never leaves a partial output.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -24,17 +25,18 @@ from .data import Dataset, load_npz
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
 from .fileio import atomic_write_many, check_output_path
-from .model import constants_to_initializers, drop_initializer_inputs, float_weight_count, is_qdq_int8, load_model, opset_of, qdq_weights, save_model, simplify, upgrade_opset
+from .memory import MemoryMap, get_layout, model_layout_tensors
+from .model import get_metadata, constants_to_initializers, drop_initializer_inputs, is_qdq_int8, load_model, opset_of, qdq_weights, simplify, upgrade_opset
 from .passes import PassContext, run_passes
 from .passes.clip import ClipPass
-from .passes.faq import FAQPass, memory_map_for
+from .passes.faq import FAQPass
 from .passes.quantize import QuantizePass
 from .clip_search import search_clip
 from .faults import parse_fault_spec
 from .faults.chip import ChipFaults
 from .report import REPORT_SCHEMA, to_json
 from .resilience import DEFAULT_FAULTS, measure
-from .simulate import ChipEvaluator, float_reference, model_values, read_through_chip
+from .simulate import ChipEvaluator, Reference, float_reference, model_values, read_through_chip
 
 
 @dataclass
@@ -50,6 +52,15 @@ class ApplyOptions:
     seed: int = 0
     trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
     faults: tuple[str, ...] = DEFAULT_FAULTS
+    layout: str | None = None  # memory layout plugin, e.g. "tiled:rows=128,cols=128"; None = linear
+    # training (needs torch, `pip install 'harden[train]'`; harden/train/, docs/training.md)
+    saq: bool = False  # sharpness-aware quantization-aware fine-tune between clip and quantize
+    clip_train: bool = False  # ProAct: train the clip thresholds, last layer first
+    variability: tuple[float, float] | None = None  # (sigma_chip, sigma_cell): noise-aware fine-tune
+    train_data: str | None = None  # .npz for the training steps (default: the calibration data)
+    epochs: int | None = None  # None: 5 (--saq), 10 (with --variability)
+    rho: float | None = None  # None: 0.5
+    lr: float | None = None  # None: 1e-3 (--saq), 5e-4 (with --variability)
 
 
 @dataclass
@@ -88,6 +99,106 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     return model, record
 
 
+@dataclass
+class Shared:
+    """The chip-independent part of `apply`: done once, whatever the number of chips."""
+
+    float_model: onnx.ModelProto | None  # None when the input was already int8
+    plain: onnx.ModelProto  # int8 QDQ (clipped), before FAQ
+    ctx: PassContext  # calibration data, float weights, FAQ's layer statistics
+    evald: Dataset
+    records: list[dict]
+    num_words: int  # the model's int8 weights: the size of a CSV fault map
+    clipped: tuple[onnx.ModelProto, dict] | None = None  # float model after clip + its quantizer overrides
+    _reference: tuple | None = None
+
+    @property
+    def already_int8(self) -> bool:
+        return self.float_model is None
+
+    def reference(self) -> tuple[float | None, Reference]:
+        """(float accuracy, what predictions are scored against), computed once."""
+        if self._reference is None:
+            acc, ref = float_reference(self.float_model or self.plain, self.evald)
+            self._reference = (acc if self.float_model is not None else None, ref)
+        return self._reference
+
+
+def build_shared(model: onnx.ModelProto, calib: Dataset, evald: Dataset, opts: ApplyOptions, say: Callable[[str], None],
+                 train: Dataset | None = None) -> Shared:
+    """load -> simplify -> clip (search) -> quantize: everything that does not depend on the chip."""
+    records: list[dict] = []
+    ctx = PassContext(calib=calib, seed=opts.seed, progress=say)
+    float_model = clipped = None
+    if is_qdq_int8(model):
+        qmodel = model
+        records.append({"pass": "quantize", "modified": False, "skipped": "model is already int8 QDQ"})
+    else:
+        say("simplify")
+        t0 = time.perf_counter()
+        model, prep = prepare(model)
+        records.append({"pass": "simplify", "modified": True, "seconds": round(time.perf_counter() - t0, 4), **prep})
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
+        percentile = opts.clip_percentile
+        if opts.clip and percentile is None:
+            say("clip search")
+            t0 = time.perf_counter()
+            choice = search_clip(float_model, calib, style=opts.clip_style, seed=opts.seed)
+            records.append({"pass": "clip-search", "modified": False, "seconds": round(time.perf_counter() - t0, 4), **choice.record})
+            percentile = choice.percentile
+        if opts.clip:
+            model, recs = run_passes(model, [ClipPass(opts.clip_style, percentile)], ctx)
+            records += recs
+            clipped = (onnx.ModelProto(), copy.deepcopy(ctx.quant_overrides))
+            clipped[0].CopyFrom(model)
+        qmodel, recs = run_passes(model, training_passes(opts, train) + [QuantizePass()], ctx)
+        records += recs
+    table = qdq_weights(qmodel)
+    if not table:
+        raise InputError("no int8 Conv/Gemm/MatMul weights to put in weight memory")
+    return Shared(float_model, qmodel, ctx, evald, records, sum(w.size for w in table), clipped)
+
+
+def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator: ChipEvaluator | None = None) -> tuple[onnx.ModelProto, list[dict], dict]:
+    """FAQ for one chip on a copy of the shared int8 model, then its accuracy on that chip."""
+    model = onnx.ModelProto()
+    model.CopyFrom(shared.plain)
+    faq = FAQPass(fm, compensate=opts.compensation, bias_correction=opts.bias_correction, calib_samples=opts.calib_samples,
+                  layout=opts.layout)
+    hardened, records = run_passes(model, [faq], shared.ctx)
+    t0 = time.perf_counter()
+    results = evaluate_on_chip(shared, hardened, fm, evaluator)
+    records.append({"pass": "simulate", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
+    return hardened, records, results
+
+
+def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike | None]) -> None:
+    """Every output must be new to this run: not an input, not another output, in a real folder."""
+    taken: set[Path] = set()
+    for out in outputs:
+        resolved = Path(out).resolve()
+        if resolved in taken:
+            raise InputError(f"output path {out} is also another output of this run; choose another path")
+        check_output_path(out, *inputs)
+        taken.add(resolved)
+
+
+def load_inputs(model_path, data_path, eval_data_path) -> tuple[onnx.ModelProto, Dataset, Dataset]:
+    """The model and its data, each checked against the other."""
+    model = load_model(model_path)
+    calib = load_npz(data_path, model, role="calibration data")
+    evald = load_npz(eval_data_path, model, role="evaluation data") if eval_data_path else calib
+    return model, calib, evald
+
+
+def read_chip(path: str | os.PathLike, num_words: int | None) -> FaultMap | None:
+    """An HFM1 map now; a CSV map only once `num_words` (the model's weight count) is known."""
+    if _is_csv(path):
+        return None if num_words is None else read_faultmap(path, num_words)
+    return read_faultmap(path, None)
+
+
 def apply(
     model_path: str | os.PathLike,
     faultmap_path: str | os.PathLike,
@@ -112,75 +223,33 @@ def apply(
 
     # 1. Read and check every input before any work.
     out_path = Path(output) if output is not None else default_output(model_path)
+    inputs = [model_path, faultmap_path, data_path, eval_data_path, opts.train_data]
+    check_training(opts)
     if write:
-        check_output_path(out_path, model_path, faultmap_path, data_path, eval_data_path)
-        if report_path is not None:
-            if Path(report_path).resolve() == out_path.resolve():
-                raise InputError(f"--report {report_path} is the same path as the output model")
-            check_output_path(report_path, model_path, faultmap_path, data_path, eval_data_path, out_path)
-        taken = {out_path.resolve()} | ({Path(report_path).resolve()} if report_path is not None else set())
-        for extra in extra_outputs or {}:
-            if Path(extra).resolve() in taken:
-                raise InputError(f"output path {extra} is also another output of this run; choose another path")
-            check_output_path(extra, model_path, faultmap_path, data_path, eval_data_path)
-            taken.add(Path(extra).resolve())
+        if report_path is not None and Path(report_path).resolve() == out_path.resolve():
+            raise InputError(f"--report {report_path} is the same path as the output model")
+        check_outputs([out_path, *([report_path] if report_path is not None else []), *(extra_outputs or {})], inputs)
     points = [m for spec in opts.faults for m in parse_fault_spec(spec)] if opts.trials > 0 else []
     say("load")
-    model = load_model(model_path)
-    calib = load_npz(data_path, model, role="calibration data")
-    evald = load_npz(eval_data_path, model, role="evaluation data") if eval_data_path else calib
-    fm = None if _is_csv(faultmap_path) else read_faultmap(faultmap_path, None)
+    model, calib, evald = load_inputs(model_path, data_path, eval_data_path)
+    train = load_npz(opts.train_data, model, role="training data") if opts.train_data else None
+    layout = get_layout(opts.layout) if opts.layout else None
+    fm = read_chip(faultmap_path, None)  # a CSV map waits for the model's weight count
+    if layout is not None and fm is not None:
+        layout.check(fm.num_words)
 
-    records: list[dict] = []
-    already_int8 = is_qdq_int8(model)
-    float_model = None
-    ctx = PassContext(calib=calib, seed=opts.seed, progress=say)
-    if already_int8:
-        qmodel = model
-        records.append({"pass": "quantize", "modified": False, "skipped": "model is already int8 QDQ"})
-    else:
-        say("simplify")
-        t0 = time.perf_counter()
-        model, prep = prepare(model)
-        records.append({"pass": "simplify", "modified": True, "seconds": round(time.perf_counter() - t0, 4), **prep})
-        float_model = onnx.ModelProto()
-        float_model.CopyFrom(model)
-        if fm is None:  # a CSV map: sized to the model's weights, read before the real work
-            fm = read_faultmap(faultmap_path, float_weight_count(model))
-        percentile = opts.clip_percentile
-        if opts.clip and percentile is None:
-            say("clip search")
-            t0 = time.perf_counter()
-            choice = search_clip(float_model, calib, style=opts.clip_style, seed=opts.seed)
-            records.append({"pass": "clip-search", "modified": False, "seconds": round(time.perf_counter() - t0, 4), **choice.record})
-            percentile = choice.percentile
-        passes = ([ClipPass(opts.clip_style, percentile)] if opts.clip else []) + [QuantizePass()]
-        qmodel, recs = run_passes(model, passes, ctx)
-        records += recs
-    if not qdq_weights(qmodel):
-        raise InputError(f"{model_path}: no int8 Conv/Gemm/MatMul weights to put in weight memory")
+    shared = build_shared(model, calib, evald, opts, say, train)
     if fm is None:
-        num_words = sum(w.size for w in qdq_weights(qmodel))
-        fm = read_faultmap(faultmap_path, num_words)
-
-    plain = onnx.ModelProto()
-    plain.CopyFrom(qmodel)
-    hardened, recs = run_passes(
-        qmodel, [FAQPass(fm, compensate=opts.compensation, bias_correction=opts.bias_correction, calib_samples=opts.calib_samples)], ctx
-    )
-    records += recs
-
-    # 6. Simulate: baseline and hardened as this chip reads them back, in onnxruntime.
-    say("simulate")
-    t0 = time.perf_counter()
-    results = evaluate_on_chip(float_model, plain, hardened, fm, evald)
+        fm = read_chip(faultmap_path, shared.num_words if layout is None else layout.words_needed(model_layout_tensors(shared.plain)))
+    say("faq")
+    hardened, recs, results = harden_for_chip(shared, fm, opts)
+    records = shared.records + recs
     if opts.trials > 0:
         say("campaign")
-        variants = _variants(float_model, plain, hardened, ctx, opts)
-        points = [ChipFaults(fm), *points]
-        _, ref = float_reference(float_model if float_model is not None else plain, evald)
-        results["resilience"] = measure(variants, evald, ref, points, trials=opts.trials, seed=opts.seed)
-    records.append({"pass": "simulate", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
+        t0 = time.perf_counter()
+        variants = _variants(shared, hardened, opts)
+        results["resilience"] = measure(variants, evald, shared.reference()[1], [ChipFaults(fm, layout=opts.layout), *points], trials=opts.trials, seed=opts.seed)
+        records.append({"pass": "campaign", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
     report = {
         "schema": REPORT_SCHEMA,
@@ -191,7 +260,7 @@ def apply(
             "faultmap": {**_file_record(faultmap_path), **fm.summary()},
             "data": {**_file_record(data_path), "samples": len(calib)},
             "eval_data": {**_file_record(eval_data_path), "samples": len(evald)} if eval_data_path else None,
-            "already_int8": already_int8,
+            "already_int8": shared.already_int8,
         },
         "options": asdict(opts),
         "passes": records,
@@ -215,42 +284,118 @@ def apply(
     return result
 
 
-def _variants(float_model, plain, hardened, ctx: PassContext, opts: ApplyOptions) -> list[tuple[str, str | None, onnx.ModelProto]]:
-    """The model after each pass, for the ablation: int8 [-> int8+clip] -> hardened."""
-    if float_model is None or not opts.clip:
-        return [("int8", None, plain), ("hardened", "faq", hardened)]
-    bare = onnx.ModelProto()
-    bare.CopyFrom(float_model)
-    unclipped = QuantizePass().call(bare, PassContext(calib=ctx.calib, seed=opts.seed)).model
-    return [("int8", None, unclipped), ("int8+clip", "clip", plain), ("hardened", "faq", hardened)]
+def _variants(shared: Shared, hardened: onnx.ModelProto, opts: ApplyOptions) -> list[tuple[str, str | None, onnx.ModelProto]]:
+    """The model after each pass, for the ablation: int8 [-> +clip] [-> +training] -> hardened."""
+    if shared.float_model is None:
+        return [("int8", None, shared.plain), ("hardened", "faq", hardened)]
+    variants = [("int8", None, _quantize(shared.float_model, shared, {}, opts))]
+    trained = [r["pass"] for r in shared.records if r["pass"] in TRAINING_PASSES]
+    if shared.clipped is not None and trained:
+        variants.append(("int8+clip", "clip", _quantize(shared.clipped[0], shared, shared.clipped[1], opts)))
+    elif shared.clipped is not None:
+        variants.append(("int8+clip", "clip", shared.plain))
+    if trained:
+        name = "+".join(trained)
+        variants.append((f"{variants[-1][0]}+{name}", name, shared.plain))
+    return [*variants, ("hardened", "faq", hardened)]
 
 
-def evaluate_on_chip(float_model, plain: onnx.ModelProto, hardened: onnx.ModelProto, fm: FaultMap, data: Dataset) -> dict:
+def _quantize(float_model: onnx.ModelProto, shared: Shared, overrides: dict, opts: ApplyOptions) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(float_model)
+    ctx = PassContext(calib=shared.ctx.calib, seed=opts.seed, quant_overrides=copy.deepcopy(overrides))
+    return QuantizePass().call(model, ctx).model
+
+
+def reference_evaluator(shared: Shared) -> ChipEvaluator:
+    """One session for the shared int8 graph, scored against labels or the float model's top-1."""
+    return ChipEvaluator(shared.plain, shared.evald, shared.reference()[1])
+
+
+def evaluate_on_chip(shared: Shared, hardened: onnx.ModelProto, fm: FaultMap, evaluator: ChipEvaluator | None = None) -> dict:
     """Accuracy of float, int8, plain int8 on the chip, and hardened on the chip.
 
     Scored against labels when the data has them, else as top-1 agreement with the float
-    model (or with the fault-free int8 model when the input was already int8).
+    model (or with the fault-free int8 model when the input was already int8). A fleet passes
+    one `evaluator` for all its chips: FAQ changes weight values, never the graph.
     """
-    ref_model = float_model if float_model is not None else plain
-    float_acc, ref = float_reference(ref_model, data)
-    ev = ChipEvaluator(plain, data, ref)
+    float_acc = shared.reference()[0]
+    ev = evaluator or reference_evaluator(shared)
     names = ev.weight_names + ev.bias_names
-    mm = memory_map_for(plain, fm.num_words)
+    mm = MemoryMap.from_json(get_metadata(hardened)["harden.memory_map"])  # the layout FAQ used
     acc = {
-        "float": float_acc if float_model is not None else None,
+        "float": float_acc,
         "int8": ev.evaluate(),
-        "int8_on_chip": ev.evaluate(read_through_chip(model_values(plain, names), mm, fm)),
+        "int8_on_chip": ev.evaluate(read_through_chip(model_values(shared.plain, names), mm, fm)),
         "hardened_on_chip": ev.evaluate(read_through_chip(model_values(hardened, names), mm, fm)),
     }
     lost = acc["int8"] - acc["int8_on_chip"]
     recovered = acc["hardened_on_chip"] - acc["int8_on_chip"]
     return {
-        "reference": ref.kind,
-        "reference_model": "float" if float_model is not None else "int8",
-        "samples": len(data),
+        "reference": ev.reference.kind,
+        "reference_model": "float" if shared.float_model is not None else "int8",
+        "samples": len(shared.evald),
         "accuracy": {k: (None if v is None else round(v, 6)) for k, v in acc.items()},
         "recovery": round(recovered / lost, 6) if lost > 0 else None,
     }
+
+
+def check_training(opts: ApplyOptions) -> None:
+    """Training knobs only with a step that uses them, and torch present (else exit 2 with the hint)."""
+    steps = [f for f, on in (("--saq", opts.saq), ("--clip-train", opts.clip_train), ("--variability", opts.variability is not None)) if on]
+    finetune = opts.saq or opts.variability is not None
+    for flag, value, ok, needs in (("--train-data", opts.train_data, bool(steps), "--saq, --clip-train or --variability"),
+                                   ("--epochs", opts.epochs, finetune, "--saq or --variability"),
+                                   ("--lr", opts.lr, finetune, "--saq or --variability"),
+                                   ("--rho", opts.rho, opts.saq, "--saq")):
+        if value is not None and not ok:
+            raise InputError(f"{flag} only applies with {needs}")
+    if opts.clip_train and not opts.clip:
+        raise InputError("--clip-train trains the clip pass's thresholds; it cannot be used with --no-clip")
+    if not steps:
+        return
+    from .train import require_torch
+
+    require_torch(" and ".join(steps))
+    if opts.epochs is not None and not (isinstance(opts.epochs, int) and opts.epochs >= 1):
+        raise InputError(f"--epochs must be an integer >= 1, got {opts.epochs!r}")
+    if opts.rho is not None and not opts.rho >= 0:
+        raise InputError(f"--rho must be >= 0, got {opts.rho!r}")
+    if opts.lr is not None and not opts.lr > 0:
+        raise InputError(f"--lr must be > 0, got {opts.lr!r}")
+    if opts.variability is not None:
+        from .train.variability import check_sigmas
+
+        check_sigmas(*opts.variability)
+
+
+TRAINING_PASSES = ("clip-train", "saq", "variability")
+
+
+def training_passes(opts: ApplyOptions, train: Dataset | None) -> list:
+    """The torch passes between clip and quantize (imported lazily: the core never needs torch):
+    clip-train (ProAct), then saq / variability (one fine-tune, with noise when asked)."""
+    passes: list = []
+    if opts.clip_train and opts.clip:
+        from .passes.proact import ProActPass
+        from .train.proact import ProActConfig
+
+        passes.append(ProActPass(ProActConfig(seed=opts.seed), train))
+    if opts.saq or opts.variability is not None:
+        from .passes.saq import SAQPass
+        from .train.saq import SAQConfig
+
+        var = opts.variability
+        noise = None
+        if var is not None:
+            from .train.variability import lognormal_noise
+
+            noise = lognormal_noise(*var)
+        cfg = SAQConfig(epochs=opts.epochs or (10 if var else 5), lr=opts.lr or (5e-4 if var else 1e-3),
+                        rho=0.5 if opts.rho is None else opts.rho, sam=opts.saq, seed=opts.seed)
+        name = "saq" if opts.saq else "variability"
+        passes.append(SAQPass(cfg, train, noise, label="--" + name, name=name, variability=var))
+    return passes
 
 
 def _is_csv(path: str | os.PathLike) -> bool:

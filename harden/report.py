@@ -37,9 +37,10 @@ def summary_table(report: dict) -> str:
     if res_block:
         names = [v["name"] for v in res_block["variants"]]
         lines.append(f"resilience ({res_block['trials']} trials per random point; mean accuracy):")
-        lines.append("  " + f"{'fault point':<28}" + "".join(f"{n:>12}" for n in names))
+        width = max(12, *(len(n) + 2 for n in names))
+        lines.append("  " + f"{'fault point':<28}" + "".join(f"{n:>{width}}" for n in names))
         for point in ["clean", *res_block["points"]]:
-            cells = "".join(f"{_pct(res_block['figures'][n][point]['accuracy']['mean']):>12}" for n in names)
+            cells = "".join(f"{_pct(res_block['figures'][n][point]['accuracy']['mean']):>{width}}" for n in names)
             lines.append(f"  {point[:27]:<28}{cells}")
         helps = [f"{a['pass']} +{100 * a['gain']:.1f} pts at {a['point']}" for a in res_block["ablation"] if a["verdict"] == "helps"]
         hurts = [f"{a['pass']} {100 * a['gain']:.1f} pts at {a['point']}" for a in res_block["ablation"] if a["verdict"] == "hurts"]
@@ -72,4 +73,24 @@ def _pass_note(rec: dict) -> str:
             f"{rec['on_faulty_words']} weights on faulty words, {rec['changed']} codes changed, "
             f"{rec['forced']} absorbed by error feedback, {rec['bias_corrected']} biases corrected"
         )
-    return ""
+    return rec.get("note", "")  # a pass may describe itself (the training passes do)
+
+
+def fleet_table(report: dict) -> str:
+    """What a fleet `apply` prints: one line per chip, then the fleet's distribution and yield."""
+    fleet = report["fleet"]
+    lines = [f"{'chip':<24}{'rate':>8}{'int8 on chip':>14}{'hardened':>10}{'recovered':>11}"]
+    for c in report["chips"]:
+        rec = "n/a" if c["recovery"] is None else f"{100 * c['recovery']:.1f}%"
+        lines.append(f"{c['chip'][:23]:<24}{c['faultmap']['rate']:>8.4f}{_pct(c['accuracy']['int8_on_chip']):>14}"
+                     f"{_pct(c['accuracy']['hardened_on_chip']):>10}{rec:>11}")
+    h, p = fleet["hardened_on_chip"], fleet["int8_on_chip"]
+    lines += [
+        f"fleet of {fleet['chips']} chips, fault-free int8 {_pct(fleet['int8']).strip()}:",
+        f"  int8 on chip: mean {_pct(p['mean']).strip()}, worst {_pct(p['min']).strip()}; "
+        f"hardened: mean {_pct(h['mean']).strip()}, worst {_pct(h['min']).strip()}",
+        f"  yield at {_pct(fleet['yield_target']).strip()}: {100 * p['yield']:.1f}% of chips as plain int8, "
+        f"{100 * h['yield']:.1f}% hardened",
+        f"  shared work {report['timings']['shared']:.2f}s, then {report['timings']['per_chip']:.3f}s per chip",
+    ]
+    return "\n".join(lines)

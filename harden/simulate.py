@@ -58,10 +58,14 @@ class ChipEvaluator:
         self.reference = reference
         self.batch = batch_size_for(model, 256)
 
-    def predictions(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The first output (logits) on the whole data set with the given weights/biases."""
         feeds = {**self.defaults, **(values or {})}
         (logits,) = run_batched(self.session, self.data, self.batch, [self.session.get_outputs()[0].name], feeds)
-        return top1(logits)
+        return logits
+
+    def predictions(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        return top1(self.logits(values))
 
     def evaluate(self, values: dict[str, np.ndarray] | None = None) -> float:
         """Accuracy (or agreement) with the given weights/biases (defaults: the model's own)."""

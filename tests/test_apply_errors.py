@@ -219,6 +219,13 @@ def absurd_constant_of_shape(p: Paths) -> None:
     write_model(p.model, model)
 
 
+def initializer_absurd_dims(p: Paths) -> None:
+    """A weight that declares 2**40 rows over the bytes of its real shape."""
+    model = onnx.load(str(p.model))
+    model.graph.initializer[0].dims[0] = 1 << 40
+    write_model(p.model, model)
+
+
 def undefined_tensor(p: Paths) -> None:
     """A node reads a tensor nothing defines (a missing input)."""
     model = onnx.load(str(p.model))
@@ -257,6 +264,35 @@ def npz(**arrays):
 def zip_with_text_member(p: Paths) -> None:
     with zipfile.ZipFile(p.data, "w") as z:
         z.writestr("input.txt", "0.5, 0.25")
+
+
+def npy_declaring_absurd_shape(p: Paths) -> None:
+    """A valid zip (good CRC) whose .npy header declares 2**40 x 1 x 8 x 8 floats over 256 bytes:
+    numpy would allocate 256 TiB before reading (MemoryError, once an internal error)."""
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40, 1, 8, 8)})
+    with zipfile.ZipFile(p.data, "w") as z:
+        z.writestr("input.npy", header.getvalue() + bytes(256))
+
+
+def _zip_headers(data: bytearray, field: int, value: int, local: bool = True) -> bytearray:
+    """Set a u16 field (offset in the central directory header) in every member of a zip."""
+    for sig, off in (((b"PK\x01\x02", field),) + (((b"PK\x03\x04", field - 2),) if local else ())):
+        i = data.find(sig)
+        while i != -1:
+            struct.pack_into("<H", data, i + off, value)
+            i = data.find(sig, i + 4)
+    return data
+
+
+def zip_unknown_compression(p: Paths) -> None:
+    p.data.write_bytes(bytes(_zip_headers(bytearray(p.data.read_bytes()), 10, 99)))  # method 99
+
+
+def zip_encrypted_member(p: Paths) -> None:
+    p.data.write_bytes(bytes(_zip_headers(bytearray(p.data.read_bytes()), 8, 1)))  # flag bit 0
 
 
 def _with(x: np.ndarray, index, value) -> np.ndarray:
@@ -318,6 +354,8 @@ CASES = [
     Case("model-absurd-value-info-dim", absurd_value_info_dim, r"absurd dimension 1099511627776"),
     Case("model-absurd-constant-of-shape", absurd_constant_of_shape,
          r"'make_w' \(ConstantOfShape\) would make a tensor of shape \[1099511627776, 1, 3, 3\]; refused"),
+    Case("model-initializer-absurd-dims", initializer_absurd_dims,
+         r"invalid ONNX model: .*raw_data size \(\d+ bytes\) is too small for the declared shape"),
     Case("model-undefined-tensor", undefined_tensor, r"invalid ONNX model: node .* reads 'ghost', which no graph input"),
     Case("model-no-graph-inputs", no_graph_inputs, r"invalid ONNX model: the graph declares no inputs"),
     Case("model-nodes-out-of-order", nodes_out_of_order, r"reads .* before the node that makes it"),
@@ -335,6 +373,12 @@ CASES = [
     Case("faultmap-word-bits-16", edit_faultmap(_set_header("<H", 6, 16)), r"offset 6: word_bits is 16"),
     Case("faultmap-version-2", edit_faultmap(_set_header("<H", 4, 2)), r"offset 4: unsupported version 2"),
     Case("faultmap-num-words-0", edit_faultmap(_set_header("<Q", 8, 0)), r"offset 8: num_words is 0"),
+    Case("faultmap-absurd-record-count",
+         edit_faultmap(lambda d, f: struct.pack_into("<QQ", d, 8, 2**64 - 1, 2**62)),
+         r"file truncated: the header implies \d+ bytes \(4611686018427387904 records"),
+    Case("faultmap-absurd-meta-len", edit_faultmap(_set_header("<I", 24, 2**32 - 1)),
+         r"file truncated: the header implies \d+ bytes \(\d+ records, 4294967295 metadata bytes\)"),
+    Case("faultmap-more-records-than-words", edit_faultmap(_set_header("<Q", 8, 2)), r"offset 16: num_records \d+ exceeds"),
     Case("faultmap-unsorted-address", edit_faultmap(_swap_first_addresses), r"offset 40: .*strictly increasing"),
     Case("faultmap-duplicate-address", edit_faultmap(_set_addr(1, lambda d, f: _addr(d, f, 0))),
          r"offset 40: duplicate address"),
@@ -356,6 +400,10 @@ CASES = [
          or os.replace(p.indir / "calib.npy", p.data), r"not a readable \.npz"),
     Case("data-truncated-npz", lambda p: p.data.write_bytes(p.data.read_bytes()[:1000]), r"not a readable \.npz"),
     Case("data-zip-not-npy", zip_with_text_member, r"not a readable \.npz.*not \.npy arrays"),
+    Case("data-npy-absurd-declared-shape", npy_declaring_absurd_shape,
+         r"member 'input.npy' declares shape \(1099511627776, 1, 8, 8\) of float32, 281474976710656 bytes, but holds 256"),
+    Case("data-zip-unknown-compression", zip_unknown_compression, r"not a readable \.npz \(NotImplementedError"),
+    Case("data-zip-encrypted", zip_encrypted_member, r"member 'input.npy' is encrypted"),
     Case("data-pickled", npz(input=lambda x, y: np.array([{"x": 1}] * len(x), dtype=object), label=lambda x, y: y),
          r"pickled objects"),
     Case("data-wrong-shape-flat", npz(input=lambda x, y: x.reshape(len(x), 64), label=lambda x, y: y),

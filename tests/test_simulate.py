@@ -403,6 +403,11 @@ BAD = {
     "model-float": (["--fault", "bitflip:1e-3", "--model", "{float}"], "simulate takes an int8 QDQ model.*run harden apply first"),
     "model-missing": (["--fault", "bitflip:1e-3", "--model", "{tmp}/none.onnx"], "no such model file"),
     "report-over-input": (["--fault", "bitflip:1e-3", "--report", "{data}"], "is the input"),
+    "per-layer-two-points": (["--per-layer", "bitflip:1e-3,1e-2"], "takes one fault point"),
+    "per-layer-unknown": (["--per-layer", "bitflop:1e-3"], "unknown fault model"),
+    "rho-without-diagnostics": (["--fault", "bitflip:1e-3", "--rho", "0.1"], "give --diagnostics too"),
+    "rho-0": (["--diagnostics", "--rho", "0"], r"--rho must be in \(0, 10\)"),
+    "act-rate-above-1": (["--fault", "bitflip-act:2"], r"outside \[0, 1\]"),
 }
 
 
@@ -436,3 +441,213 @@ def test_bad_input_exits_2_with_one_line(case, int8_plain, plain_cnn, digits_tes
     import re
 
     assert re.search(fragment, lines[0]), lines[0]
+
+
+# --- faults restricted to some tensors, and per-layer vulnerability ---------------------------
+
+
+def _all_models(space):
+    names_w = [t.name for t in space.weights]
+    names_b = [t.name for t in space.biases]
+    return [
+        (BitFlip(BitFlipParams(1e-2)), names_w),
+        (BitFlip(BitFlipParams(1e-2, "bias")), names_b),
+        (StuckAt(StuckAtParams(0.02)), names_w),
+    ]
+
+
+def test_restricting_to_every_tensor_is_the_unrestricted_model(int8_residual, digits_test_npz):
+    c = _campaign(int8_residual, digits_test_npz, ["bitflip:1e-2", "bitflip-act:1e-3"], seed=4)
+    act_names = [t.name for t in c.act_space.tensors]
+    cases = _all_models(c.space) + [(c.points[1], act_names)]
+    for model, names in cases:
+        space = c.space_of(model)
+        whole = model.restricted(list(reversed(names)))  # any order: the space's order is used
+        assert whole.label != model.label and whole.params.tensors == tuple(reversed(names))
+        for t in range(4):
+            a = model.sample(trial_rng(4, 0, t), space).faults(None)
+            b = whole.sample(trial_rng(4, 0, t), space).faults(None)
+            assert a and a == b
+    # In a campaign: the same point index draws the same trials, so the figures are equal.
+    full = [p.restricted([t.name for t in p.targets(c.space_of(p))]) for p in c.points]
+    other = Campaign(c.model, c.data, full, seed=4)
+    opts = CampaignOptions(trials=4, seed=4)
+    for point in (0, 1):
+        assert np.array_equal(c.run_point(point, opts).accuracy, other.run_point(point, opts).accuracy)
+
+
+def test_restricted_faults_stay_in_their_tensors_and_add_up(int8_residual, digits_test_npz, tmp_path):
+    c = _campaign(int8_residual, digits_test_npz, ["bitflip:1e-2"], seed=2)
+    space, rate, trials = c.space, 1e-2, 40
+    per_layer_mean = 0.0
+    for t in space.weights:
+        model = BitFlip(BitFlipParams(rate, tensors=(t.name,)))
+        counts = []
+        for k in range(trials):
+            faults = model.sample(trial_rng(2, 0, k), space).faults(None)
+            assert {f.tensor for f in faults} <= {t.name}
+            counts.append(len(faults))
+        per_layer_mean += np.mean(counts)
+        sd = math.sqrt(t.cells * rate * (1 - rate) / trials)
+        assert abs(np.mean(counts) - t.cells * rate) < 5 * sd + 1e-9
+    # The faults of the per-layer points add up to the unrestricted point's (in expectation).
+    whole = [len(c.describe_trial(0, k)) for k in range(trials)]
+    sd = math.sqrt(8 * space.weight_count * rate * (1 - rate) * 2 / trials)
+    assert abs(per_layer_mean - np.mean(whole)) < 5 * sd
+
+    # A chip's per-layer faults add up *exactly* to the whole chip's.
+    chip = tmp_path / "chip.bin"
+    write_faultmap(generate_uniform(space.weight_count, 0.03, 6), chip)
+    rep = simulate(int8_residual, digits_test_npz, faultmaps=[chip], per_layer=f"chip:{chip}").report
+    cc = rep["points"][0]["faulty_cells"]["mean"]
+    assert sum(e["faulty_cells"] for e in rep["per_layer"]) == cc > 0
+    cmp = _campaign(int8_residual, digits_test_npz, [f"chip:{chip}"])
+    cmp.add_per_layer(cmp.points[0])
+    union = sorted(f for p in cmp.per_layer.indices for f in cmp.describe_trial(p, 0))
+    assert union == sorted(cmp.describe_trial(0, 0))
+    assert all(e["trials"] == 1 and e["accuracy"]["std"] == 0.0 for e in rep["per_layer"])
+
+
+def test_per_layer_ranks_layers_by_accuracy_loss(int8_residual, digits_test_npz):
+    rep = simulate(int8_residual, digits_test_npz, ["bitflip:1e-2"], options=CampaignOptions(trials=12, seed=3),
+                   per_layer="bitflip:1e-2").report
+    clean = rep["clean"]["accuracy"]
+    pl = rep["per_layer"]
+    space = WeightSpace.from_model(onnx.load(str(int8_residual)))
+    assert [p["label"] for p in rep["points"]] == ["bitflip:0.01"]  # per-layer points are reported apart
+    assert sorted(e["tensor"] for e in pl) == sorted(t.name for t in space.weights)
+    assert [e["rank"] for e in pl] == list(range(1, len(pl) + 1))
+    assert [e["loss"] for e in pl] == sorted((e["loss"] for e in pl), reverse=True)
+    assert rep["per_layer_fault"]["label"] == "bitflip:0.01" and rep["per_layer_fault"]["tensors"] == len(pl)
+    assert sorted(e["index"] for e in pl) == list(range(1, 1 + len(pl)))
+    sizes = {t.name: t.size for t in space.weights}
+    for e in pl:
+        assert e["kind"] == "weight" and e["op"] in ("Conv", "Gemm") and e["weights"] == sizes[e["tensor"]]
+        assert e["label"] == f"bitflip:0.01@{e['tensor']}" and e["trials"] == 12
+        assert math.isclose(e["loss"], clean - e["accuracy"]["mean"], abs_tol=2e-6)
+        lo, hi = e["accuracy"]["ci95"]
+        assert lo <= e["accuracy"]["mean"] <= hi
+        assert math.isclose(e["loss_ci95"][0], clean - hi, abs_tol=2e-6)
+    # Faults everywhere hurt at least as much as faults in any one layer.
+    whole = rep["points"][0]["accuracy"]["mean"]
+    assert whole < min(e["accuracy"]["mean"] for e in pl)
+    assert pl[0]["loss"] > 0.05 > pl[-1]["loss"]  # some layers matter much more than others
+    # A per-layer trial is re-derived like any other: only its tensor is hit.
+    top = pl[0]
+    t = simulate(int8_residual, digits_test_npz, ["bitflip:1e-2"], options=CampaignOptions(seed=3),
+                 per_layer="bitflip:1e-2", show_trial=(top["index"], 0)).report["trial"]
+    assert {f["tensor"] for f in t["faults"]} == {top["tensor"]}
+    # Python: the same figures from a campaign built by hand.
+    c = _campaign(int8_residual, digits_test_npz, ["bitflip:1e-2"], seed=3)
+    c.add_per_layer(BitFlip(BitFlipParams(1e-2)))
+    r = c.run_point(top["index"], CampaignOptions(trials=12, seed=3))
+    assert round(float(r.accuracy.mean()), 6) == top["accuracy"]["mean"]
+
+
+def test_tensor_restriction_errors(int8_plain, digits_test_npz):
+    c = _campaign(int8_plain, digits_test_npz, ["bitflip:1e-3"])
+    with pytest.raises(InputError, match="no such tensor 'nope'"):
+        BitFlip(BitFlipParams(1e-3, tensors=("nope",))).check(c.space)
+    with pytest.raises(InputError, match="no such tensor"):  # a bias is not a weight
+        StuckAt(StuckAtParams(0.1, tensors=(c.space.biases[0].name,))).check(c.space)
+    for bad in ((), ("a", "a"), (3,)):
+        with pytest.raises(InputError):
+            BitFlipParams(1e-3, tensors=bad)
+    with pytest.raises(InputError, match="unrestricted"):
+        c.add_per_layer(BitFlip(BitFlipParams(1e-3, tensors=(c.space.weights[0].name,))))
+    assert BitFlipParams(1e-3, tensors=["x"]).tensors == ("x",)
+
+
+# --- bit flips in the quantized activations ---------------------------------------------------
+
+
+def test_activation_flips_lower_accuracy_with_the_rate(int8_plain, digits_test_npz):
+    rates = (1e-3, 1e-2, 3e-2)
+    spec = "bitflip-act:0," + ",".join(f"{r:g}" for r in rates)
+    rep = simulate(int8_plain, digits_test_npz, [spec], options=CampaignOptions(trials=8, seed=2)).report
+    act = rep["activation_faults"]
+    # The rewrite keeps ORT's QDQ fusion: clean outputs are bit-identical to the weight session's.
+    assert act["opset"] == 18 and act["clean"]["logits_identical"] and act["clean"]["predictions_identical"]
+    assert act["clean"]["accuracy"] == rep["clean"]["accuracy"]
+    assert all(s["dtype"] in ("uint8", "int8") for s in act["sites"]) and len(act["sites"]) >= 4
+    acc = [p["accuracy"]["mean"] for p in rep["points"]]
+    assert acc[0] == rep["clean"]["accuracy"] and rep["points"][0]["sdc1"]["mean"] == 0.0
+    assert np.all(np.diff(acc) < 0), acc
+    assert acc[-1] < acc[0] - 0.05
+    bits = act["bits_per_sample"] * rep["clean"]["samples"]
+    for p, r in zip(rep["points"][1:], rates):
+        assert p["session"] == "activations"
+        assert abs(p["faulty_cells"]["mean"] - bits * r) < 5 * math.sqrt(bits * r / p["trials"])
+
+
+def test_activation_faults_are_per_sample_and_reproducible(int8_plain, digits_test_npz):
+    from harden.campaign import describe_trial as describe
+
+    c = _campaign(int8_plain, digits_test_npz, ["bitflip-act:1e-3"], seed=9)
+    act = c.activations
+    act.batch = 64  # several batches, so masks are cut at batch boundaries
+    faults = c.describe_trial(0, 1)
+    assert faults == _campaign(int8_plain, digits_test_npz, ["bitflip-act:1e-3"], seed=9).describe_trial(0, 1)
+    assert faults == describe(c.act_space, c.points[0], 9, 0, 1)
+    assert faults != c.describe_trial(0, 2) and all(f.kind == "flip" and f.changes for f in faults)
+    # The masks fed batch by batch are exactly the trial's faults, sample by sample.
+    inj = c.injection(0, 1)
+    dense = inj.apply({t.name: np.zeros(t.shape, t.dtype) for t in c.act_space.tensors})
+    n = len(c.data)
+    for start in range(0, n, 64):
+        k = min(64, n - start)
+        for s, m in ((s, act.masks(inj, start, k)[s.mask]) for s in act.sites):
+            assert np.array_equal(m, dense[s.name][start:start + k])
+    assert sum(int(np.unpackbits(d.view(np.uint8)).sum()) for d in dense.values()) == len(faults) == inj.cells
+    # A fault in sample k's input changes sample k's output and no other.
+    site = act.sites[0]
+    k = 100
+    e = site.elements
+    flip = Injection((TensorFaults(site.name, np.arange(k * e, (k + 1) * e), flip=np.full(e, 0x80, np.uint8)),))
+    diff = np.flatnonzero(np.any(act.logits(flip) != act.clean_logits, axis=1))
+    assert diff.tolist() == [k]
+    # Same seed, same campaign figures; the trial's figures match the campaign's.
+    opts = CampaignOptions(trials=4, seed=9)
+    a = c.run_point(0, opts).accuracy
+    assert np.array_equal(a, _campaign(int8_plain, digits_test_npz, ["bitflip-act:1e-3"], seed=9).run_point(0, opts).accuracy)
+    assert c.run_trial(0, 1).accuracy == a[1]
+
+
+def test_activation_faults_without_labels_and_on_the_cli(int8_plain, digits, digits_test_npz, tmp_path):
+    data = zoo.write_npz(tmp_path / "nolabels.npz", digits["x_test"])
+    rep = simulate(int8_plain, data, ["bitflip-act:1e-2"], options=CampaignOptions(trials=3)).report
+    p = rep["points"][0]
+    assert rep["clean"]["reference"] == "agreement" and p["clean_accuracy"] == 1.0
+    assert math.isclose(p["accuracy"]["mean"] + p["sdc1"]["mean"], 1.0, abs_tol=1e-6)
+    argv = ["simulate", str(int8_plain), "--data", str(digits_test_npz), "--fault", "bitflip-act:1e-3", "--trials", "3",
+            "--per-layer", "bitflip-act:1e-2"]
+    r = CliRunner().invoke(main, argv + ["--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    j = json.loads(r.stdout)
+    assert [e["kind"] for e in j["per_layer"]] == ["activation"] * len(j["activation_faults"]["sites"])
+    assert all(e["label"].startswith("bitflip-act:0.01@") for e in j["per_layer"])
+    t = CliRunner().invoke(main, argv + ["--show-trial", "0:0"])
+    assert t.exit_code == 0 and "sample" in t.stdout and "flip" in t.stdout
+    table = CliRunner().invoke(main, argv)
+    assert "activation faults:" in table.stdout and "identical" in table.stdout and "per-layer" in table.stdout
+
+
+def test_cli_per_layer_and_diagnostics(int8_plain, digits_test_npz):
+    argv = ["simulate", str(int8_plain), "--data", str(digits_test_npz), "--per-layer", "stuckat:0.02",
+            "--trials", "4", "--diagnostics", "--rho", "0.1"]
+    runs = [CliRunner().invoke(main, argv + ["--json"]) for _ in range(2)]
+    for r in runs:
+        assert r.exit_code == 0, (r.output, r.exception)
+    a, b = (json.loads(r.stdout) for r in runs)
+    assert _strip_timing(a) == _strip_timing(b)
+    assert a["points"] == [] and len(a["per_layer"]) == a["model"]["int8_tensors"]
+    assert {"tensor", "op", "weights", "accuracy", "loss", "rank"} <= set(a["per_layer"][0])
+    d = a["diagnostics"]
+    assert d["sharpness"]["rho"] == 0.1 and d["sharpness"]["samples"] == 10
+    assert {r["kind"] for r in d["activation_sparsity"]} == {"input"}
+    table = CliRunner().invoke(main, argv)
+    assert table.exit_code == 0
+    for text in ("per-layer vulnerability", "rank", "activation sparsity", "sharpness (rho 0.1"):
+        assert text in table.stdout
+    only = CliRunner().invoke(main, ["simulate", str(int8_plain), "--data", str(digits_test_npz), "--diagnostics", "--json"])
+    assert only.exit_code == 0 and json.loads(only.stdout)["diagnostics"]["sharpness"]["rho"] == 0.05

@@ -28,7 +28,7 @@ def main() -> None:
 
 def _register() -> None:
     """Attach the command modules; each adds its commands to `main`."""
-    from . import apply_cmd, faultmap_cmd, simulate_cmd  # noqa: F401
+    from . import apply_cmd, faultmap_cmd, plugins_cmd, report_cmd, simulate_cmd, tune_cmd  # noqa: F401
 
 
 _register()

@@ -6,19 +6,24 @@ import sys
 
 import click
 
-from ..errors import GateFailed
+from pathlib import Path
+
+from ..errors import GateFailed, InputError
 from ..gates import gate_results
 from ..pipeline import ApplyOptions, apply
-from ..report import summary_table, to_json
+from ..report import fleet_table, summary_table, to_json
 from . import main
 from ._common import quiet_option, show_progress
+from ._training import training_fields, training_options
 
 
 @main.command("apply")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--faultmap", "faultmap", required=True, type=click.Path(dir_okay=False), help="The chip's fault map (HFM1, or CSV address,bit,stuck).")
+@click.option("--faultmap", "faultmaps", required=True, multiple=True, type=click.Path(),
+              help="The chip's fault map (HFM1, or CSV address,bit,stuck). Repeat it, or give a folder, to harden for a fleet: "
+                   "-o is then a folder that gets one model per chip.")
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name, optional 'label').")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Hardened model path. Default: MODEL.hardened.onnx beside MODEL.")
+@click.option("-o", "--output", type=click.Path(), help="Hardened model path (a folder for a fleet). Default: MODEL.hardened.onnx (MODEL.hardened/) beside MODEL.")
 @click.option("--report", "report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out data for the accuracy figures (default: --data).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for everything random.")
@@ -35,10 +40,16 @@ from ._common import quiet_option, show_progress
 @click.option("--summary-md", type=click.Path(dir_okay=False),
               help="Write a Markdown summary (accuracies, chip, gates, passes) here, replacing the file; "
                    "append it to $GITHUB_STEP_SUMMARY for a CI job summary.")
+@click.option("--layout", metavar="NAME[:K=V,...]", help="Memory layout plugin (default linear), e.g. tiled:rows=128,cols=128.")
+@click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the self-contained HTML report here (needs harden[report]).")
+@click.option("--jobs", type=click.IntRange(1), default=None, help="Fleet: worker processes for the per-chip work (default: one per core).")
+@click.option("--yield-at", type=click.FloatRange(0, 1), default=None, help="Fleet: report the share of chips at or above this accuracy (default: fault-free int8 - 0.02).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
+@training_options
 @quiet_option
-def apply_command(model, faultmap, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, as_json, quiet):
+def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
+                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, layout, html, jobs, yield_at, as_json, quiet,
+                  **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
     Simplifies the model, clips its activations, quantizes it to int8 (QDQ), remaps every weight
@@ -50,6 +61,8 @@ def apply_command(model, faultmap, data, output, report, eval_data, seed, clip, 
       harden apply samples/model.onnx --faultmap samples/chip.bin \\
           --data samples/calib.npz --eval-data samples/test.npz \\
           -o model.hardened.onnx --report report.json --min-accuracy 0.95
+      harden apply samples/model.onnx --faultmap chips/ --data samples/calib.npz \
+          -o hardened/ --report fleet.json --min-accuracy 0.9     # a fleet
 
     The outputs are written even when a gate fails (exit 1), so a pipeline can keep the report.
     """
@@ -62,23 +75,35 @@ def apply_command(model, faultmap, data, output, report, eval_data, seed, clip, 
         calib_samples=calib_samples,
         seed=seed,
         trials=trials,
+        layout=layout,
         **({"faults": tuple(faults)} if faults else {}),
+        **training_fields(training),
     )
     progress = None
     if show_progress(quiet):
         progress = lambda stage: click.echo(f"  ... {stage}", err=True)  # noqa: E731
-    extra = None
+    if len(faultmaps) > 1 or Path(faultmaps[0]).is_dir():
+        _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, yield_at, summary_md, html, min_accuracy, max_drop,
+                     as_json, quiet, progress)
+        return
+    faultmap = faultmaps[0]
+    extra = {}
     if summary_md is not None:
         from ..summary_md import summary_markdown
 
-        extra = {summary_md: lambda rep: summary_markdown(rep, gate_results(rep, min_accuracy, max_drop))}
+        extra[summary_md] = lambda rep: summary_markdown(rep, gate_results(rep, min_accuracy, max_drop))
+    if html is not None:
+        from ..html_report import render_html, require_matplotlib
+
+        require_matplotlib()
+        extra[html] = render_html
     result = apply(model, faultmap, data, output, report_path=report, eval_data_path=eval_data, options=opts,
                    progress=progress, extra_outputs=extra)
     if as_json:
         sys.stdout.write(to_json(result.report))
     elif not quiet:
         click.echo(summary_table(result.report))
-        written = [str(result.output)] + [str(p) for p in (result.report_path, summary_md) if p is not None]
+        written = [str(result.output)] + [str(p) for p in (result.report_path, summary_md, html) if p is not None]
         click.echo(f"wrote {', '.join(written[:-1])} and {written[-1]}" if len(written) > 1 else f"wrote {written[0]}")
     check_gates(result.report, min_accuracy, max_drop)
 
@@ -88,3 +113,28 @@ def check_gates(report: dict, min_accuracy: float | None, max_drop: float | None
     for gate in gate_results(report, min_accuracy, max_drop):
         if not gate["passed"]:
             raise GateFailed(gate["message"])
+
+
+def _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, yield_at, summary_md, html, min_accuracy, max_drop,
+                 as_json, quiet, progress) -> None:
+    """Fleet mode: one model per chip in the -o folder, one report for the fleet."""
+    from ..fleet import apply_fleet
+
+    if summary_md is not None or html is not None:
+        raise InputError("--summary-md and --html are written for one chip; for a fleet use --report and the fleet table")
+    on_chip = (lambda name: click.echo(f"  ... {name} done", err=True)) if progress else None
+    rep = apply_fleet(model, faultmaps, data, output, report_path=report, eval_data_path=eval_data, options=opts,
+                      jobs=jobs, yield_at=yield_at, progress=progress, on_chip=on_chip)
+    if as_json:
+        sys.stdout.write(to_json(rep))
+    elif not quiet:
+        click.echo(fleet_table(rep))
+    worst = rep["fleet"]["hardened_on_chip"]["min"]
+    if min_accuracy is not None and worst < min_accuracy:
+        bad = sum(c["accuracy"]["hardened_on_chip"] < min_accuracy for c in rep["chips"])
+        raise GateFailed(f"gate failed: {bad} of {len(rep['chips'])} chips below --min-accuracy {min_accuracy} (worst {worst:.4f})")
+    if max_drop is not None:
+        int8 = rep["fleet"]["int8"]
+        bad = sum(int8 - c["accuracy"]["hardened_on_chip"] > max_drop for c in rep["chips"])
+        if bad:
+            raise GateFailed(f"gate failed: {bad} of {len(rep['chips'])} chips more than --max-drop {max_drop} below int8 {int8:.4f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -34,18 +35,29 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
               help="Evaluation data (.npz keyed by input name, optional 'label'; without labels: top-1 agreement with the fault-free model).")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Fault model and its points, repeatable: bitflip:RATE,... (int8 weights), bitflip-bias:RATE,... "
-                   "(int32 biases), stuckat:RATE,... (random stuck-at cells), chip:MAP.")
+                   "(int32 biases), stuckat:RATE,... (random stuck-at cells), chip:MAP, bitflip-act:RATE,... "
+                   "(quantized activations, per sample).")
 @click.option("--faultmap", "faultmaps", multiple=True, type=click.Path(dir_okay=False), metavar="CHIP",
               help="A chip's fault map (HFM1 or CSV) as one more point; repeatable. Same as --fault chip:CHIP.")
 @click.option("--trials", type=int, default=None, help="Trials per point [default: 100; with --margin, Leveugle's n for it]; the cap when --margin is given.")
 @click.option("--margin", type=float, default=None, help="Stop a point once its accuracy interval's half-width is within this margin, e.g. 0.01.")
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Confidence of --margin (and of Leveugle's n).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Campaign seed: trial T of point P draws from rng([seed, P, T]).")
+@click.option("--per-layer", "per_layer", metavar="SPEC",
+              help="Per-layer vulnerability: run one fault point (e.g. bitflip:1e-2) on each tensor alone and rank the "
+                   "tensors by accuracy loss.")
+@click.option("--diagnostics", is_flag=True,
+              help="Also measure activation sparsity per layer and the sharpness of the int8 model (loss increase "
+                   "under random relative weight perturbations of size --rho).")
+@click.option("--rho", type=float, default=None, help="Relative perturbation size of the sharpness diagnostic [default: 0.05].")
 @click.option("--show-trial", "show_trial", metavar="POINT:TRIAL", help="Run only that trial and list its exact faults (tensor, index, bit).")
 @click.option("--report", "report", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@click.option("--html", "html", type=click.Path(dir_okay=False),
+              help="Also write the report as a self-contained HTML page here (needs harden[report]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
 @quiet_option
-def simulate_command(model, data, faults, faultmaps, trials, margin, confidence, seed, show_trial, report, as_json, quiet):
+def simulate_command(model, data, faults, faultmaps, trials, margin, confidence, seed, per_layer, diagnostics, rho,
+                     show_trial, report, html, as_json, quiet):
     """Fault-injection campaign on an int8 QDQ MODEL, measured with onnxruntime.
 
     Every point (one fault model at one rate, or one chip) runs --trials trials; trial T of
@@ -53,6 +65,12 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
     Reports accuracy (against labels, else top-1 agreement with the fault-free model) and
     SDC-1 (top-1 changed, on the inputs the fault-free model gets right), each with mean,
     standard deviation and a 95 % confidence interval.
+
+    --per-layer SPEC runs one fault point on each tensor alone (points numbered after the
+    --fault ones) and ranks the tensors by accuracy loss. --diagnostics adds activation
+    sparsity per layer and the epsilon-sharpness of the int8 model. bitflip-act flips bits in
+    the quantized activations of every inference, on a rewritten session (opset 18,
+    BitwiseXor between each activation QuantizeLinear and its DequantizeLinear).
 
     MODEL must already be int8 QDQ; a float model is refused (exit 2), since quantizing it
     here would need calibration data and choices that belong to apply. harden apply writes
@@ -65,14 +83,26 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
       harden simulate model.int8.onnx --data test.npz --fault stuckat:0.01,0.04 \\
           --faultmap chip.bin --margin 0.01 --json > campaign.json
       harden simulate model.int8.onnx --data test.npz --fault bitflip:1e-3 --show-trial 0:17
+      harden simulate model.int8.onnx --data test.npz --per-layer bitflip:1e-2 --trials 50 --diagnostics
+      harden simulate model.int8.onnx --data test.npz --fault bitflip-act:1e-4,1e-3
     """
     opts = CampaignOptions(trials=trials, margin=margin, confidence=confidence, seed=seed)
     opts.validate()
+    if rho is not None and not diagnostics:
+        raise InputError("--rho sets the sharpness diagnostic; give --diagnostics too")
     trial = _show_trial(show_trial)
     if report is not None:
         from ..fileio import check_output_path
 
         check_output_path(report, model, data, *faultmaps)
+    if html is not None:
+        from ..fileio import check_output_path
+        from ..html_report import require_matplotlib
+
+        require_matplotlib()
+        if report is not None and Path(html).resolve() == Path(report).resolve():
+            raise InputError(f"--html {html} is the same path as --report; choose another path")
+        check_output_path(html, model, data, *faultmaps)
 
     bar = None
     progress = on_start = None
@@ -86,14 +116,21 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
             bar.update(n)
 
     try:
-        result = simulate(model, data, faults, faultmaps, opts, progress=progress, on_start=on_start, show_trial=trial)
+        result = simulate(model, data, faults, faultmaps, opts, per_layer=per_layer, diagnostics=diagnostics,
+                          rho=0.05 if rho is None else rho,
+                          progress=progress, on_start=on_start, show_trial=trial)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    if report is not None:
-        from ..fileio import atomic_write_text
+    outputs = [(report, to_json(result.report).encode("utf-8"))] if report is not None else []
+    if html is not None:
+        from ..html_report import render_html
 
-        atomic_write_text(report, to_json(result.report))
+        outputs.append((html, render_html(result.report).encode("utf-8")))
+    if outputs:
+        from ..fileio import atomic_write_many
+
+        atomic_write_many(outputs)  # the JSON and the page together, or neither
     if as_json:
         sys.stdout.write(to_json(result.report))
     elif not quiet:
@@ -120,23 +157,83 @@ def _head(rep: dict) -> list[str]:
 
 
 def campaign_table(rep: dict) -> str:
-    """What `simulate` prints: one line per point with its figures and 95 % intervals."""
+    """What `simulate` prints: one line per point with its figures and 95 % intervals, then the
+    per-layer ranking and the diagnostics when asked for."""
     lines = _head(rep)
     o = rep["options"]
     lines.append(f"seed {o['seed']}" + (f", margin {o['margin']:g} at {o['confidence']:g}" if o["margin"] else ""))
-    w = max([len("point")] + [len(p["label"]) for p in rep["points"]])
-    lines.append(f"  {'#':>2} {'point':<{w}} {'trials':>6}  {'accuracy':>8} {'95% CI':<16} {'SDC-1':>8} {'95% CI':<16}")
-    for p in rep["points"]:
-        a, s = p["accuracy"], p["sdc1"]
-        trials = f"{p['trials']}" + ("*" if p["stopped_early"] else "")
-        lines.append(
-            f"  {p['index']:>2} {p['label']:<{w}} {trials:>6}  {_pct(a['mean'])} {_ci(a['ci95']):<16} "
-            f"{_pct(s['mean'] if s else None)} {_ci(s['ci95'] if s else None):<16}"
-        )
-    if any(p["stopped_early"] for p in rep["points"]):
-        lines.append("  * stopped early: the margin was met")
+    if rep["points"]:
+        w = max([len("point")] + [len(p["label"]) for p in rep["points"]])
+        lines.append(f"  {'#':>2} {'point':<{w}} {'trials':>6}  {'accuracy':>8} {'95% CI':<16} {'SDC-1':>8} {'95% CI':<16}")
+        for p in rep["points"]:
+            a, s = p["accuracy"], p["sdc1"]
+            trials = f"{p['trials']}" + ("*" if p["stopped_early"] else "")
+            lines.append(
+                f"  {p['index']:>2} {p['label']:<{w}} {trials:>6}  {_pct(a['mean'])} {_ci(a['ci95']):<16} "
+                f"{_pct(s['mean'] if s else None)} {_ci(s['ci95'] if s else None):<16}"
+            )
+        if any(p["stopped_early"] for p in rep["points"]):
+            lines.append("  * stopped early: the margin was met")
+    act = rep.get("activation_faults")
+    if act:
+        c = act["clean"]
+        same = "identical to" if c["logits_identical"] else ("same top-1 as" if c["predictions_identical"] else "DIFFERENT from")
+        lines.append(f"activation faults: {len(act['sites'])} quantized tensors, {act['bits_per_sample']} bits per sample; "
+                     f"clean outputs of the rewritten session {same} the weight session's")
+    if rep.get("per_layer") is not None:
+        lines += per_layer_table(rep)
+    if rep.get("diagnostics"):
+        lines += diagnostics_table(rep["diagnostics"])
     lines.append(f"{rep['seconds']:.2f}s; list the faults of any trial with --show-trial POINT:TRIAL")
     return "\n".join(lines)
+
+
+def per_layer_table(rep: dict) -> list[str]:
+    f = rep["per_layer_fault"]
+    rows = rep["per_layer"]
+    trials = sorted({r["trials"] for r in rows})
+    n = str(trials[0]) if len(trials) == 1 else f"{trials[0]}-{trials[-1]}"
+    each = "trial" if n == "1" else "trials"
+    lines = [f"per-layer vulnerability: {f['label']} on one tensor at a time, {n} {each} each "
+             f"(points {f['points'][0]}-{f['points'][-1]}); rank 1 loses the most accuracy:" if rows else
+             f"per-layer vulnerability: {f['label']}: no tensor to restrict it to"]
+    if not rows:
+        return lines
+    w = min(44, max(len("tensor"), *(len(r["tensor"]) for r in rows)))
+    ow = max(len("op"), *(len(r["op"] or "?") for r in rows))
+    lines.append(f"  {'rank':>4} {'tensor':<{w}} {'op':<{ow}} {'size':>8}  {'accuracy':>8} {'95% CI':<16} {'loss':>7} {'95% CI':<16}")
+    for r in rows:
+        name = r["tensor"] if len(r["tensor"]) <= w else "..." + r["tensor"][-(w - 3):]
+        lo, hi = r["loss_ci95"]
+        lines.append(
+            f"  {r['rank']:>4} {name:<{w}} {(r['op'] or '?'):<{ow}} {r['elements']:>8}  {_pct(r['accuracy']['mean'])} "
+            f"{_ci(r['accuracy']['ci95']):<16} {100 * r['loss']:6.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]"
+        )
+    return lines
+
+
+def diagnostics_table(d: dict) -> list[str]:
+    lines = [f"diagnostics on {d['samples']} samples:"]
+    recs = d["activation_sparsity"]
+    if recs:
+        lines.append("  activation sparsity (fraction of exact zeros):")
+        w = min(48, max(len("tensor"), *(len(r["tensor"]) for r in recs)))
+        for r in recs:
+            name = r["tensor"] if len(r["tensor"]) <= w else "..." + r["tensor"][-(w - 3):]
+            role = f"input of {r['op']}" if r["kind"] == "input" else f"{r['op']} output"
+            lines.append(f"    {name:<{w}} {role:<18} {100 * r['sparsity']:6.2f}%")
+        s = d["sparsity"]
+        if s["mean"] is not None:
+            lines.append(f"    weight-op inputs: mean {100 * s['mean']:.2f}% over {s['layers']} layers, "
+                         f"{100 * s['overall']:.2f}% of all their values")
+    sh = d["sharpness"]
+    what = "cross-entropy" if sh["loss"] == "cross_entropy" else "KL to the clean softmax"
+    lines.append(
+        f"  sharpness (rho {sh['rho']:g}, {sh['samples']} perturbations of the int8 codes, {100 * sh['codes_changed']:.1f}% "
+        f"of codes changed): {what} {sh['loss_clean']:.4f} -> {sh['loss_perturbed_mean']:.4f}, "
+        f"increase {sh['increase']:+.4f} [{sh['ci'][0]:+.4f}, {sh['ci'][1]:+.4f}]"
+    )
+    return lines
 
 
 def trial_table(rep: dict) -> str:
@@ -147,11 +244,14 @@ def trial_table(rep: dict) -> str:
         f"point {t['point']} ({t['label']}), trial {t['trial']} (rng {t['rng']}): accuracy {100 * t['accuracy']:.2f}%, "
         f"SDC-1 {sdc}, {t['faulty_cells']} faulty cells"
     )
-    lines.append(f"  {'tensor':<40} {'index':>8} {'bit':>3}  kind changes")
+    act = bool(t["faults"]) and "sample" in t["faults"][0]
+    where = f"{'sample':>7} {'element':>8}" if act else f"{'index':>8}"
+    lines.append(f"  {'tensor':<40} {where} {'bit':>3}  kind changes")
     for f in t["faults"]:
         ch = "" if f["changes"] is None else ("yes" if f["changes"] else "no")
-        lines.append(f"  {f['tensor']:<40} {f['index']:>8} {f['bit']:>3}  {f['kind']:<4} {ch}")
+        at = f"{f['sample']:>7} {f['element']:>8}" if act else f"{f['index']:>8}"
+        lines.append(f"  {f['tensor']:<40} {at} {f['bit']:>3}  {f['kind']:<4} {ch}")
     return "\n".join(lines)
 
 
-__all__ = ["campaign_table", "simulate_command", "trial_table"]
+__all__ = ["campaign_table", "diagnostics_table", "per_layer_table", "simulate_command", "trial_table"]

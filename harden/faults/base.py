@@ -16,14 +16,19 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import onnx
 
-from ..memory import MemoryMap, linear_layout
+from ..memory import LayoutTensor, MemoryMap, as_layout_tensors, get_layout, linear_layout
 
-_UNSIGNED = {np.dtype(np.int8): np.dtype(np.uint8), np.dtype(np.int32): np.dtype(np.uint32)}
+_UNSIGNED = {
+    np.dtype(np.int8): np.dtype(np.uint8),
+    np.dtype(np.uint8): np.dtype(np.uint8),
+    np.dtype(np.int32): np.dtype(np.uint32),
+}
 
 
 @dataclass(frozen=True)
 class Tensor:
-    """One injectable tensor: an int8 weight (`kind` "weight") or an int32 bias ("bias")."""
+    """One injectable tensor: an int8 weight (`kind` "weight"), an int32 bias ("bias"), or a
+    quantized activation ("activation", uint8/int8, shape [samples, ...], faults/activation.py)."""
 
     name: str
     dtype: np.dtype
@@ -56,6 +61,9 @@ class WeightSpace:
 
     weights: tuple[Tensor, ...]
     biases: tuple[Tensor, ...] = ()
+    # What a memory layout needs of each weight (consumer op, matrix view), in `weights` order;
+    # empty: only names and shapes are known (enough for `linear`).
+    layout_tensors: tuple[LayoutTensor, ...] = ()
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> WeightSpace:
@@ -67,7 +75,7 @@ class WeightSpace:
         biases = tuple(
             Tensor(w.bias, np.dtype(np.int32), tuple(inits[w.bias].dims), "bias") for w in table if w.bias
         )
-        return cls(weights, biases)
+        return cls(weights, biases, tuple(as_layout_tensors(table)))
 
     def of_kind(self, kind: str) -> tuple[Tensor, ...]:
         """"weight" or "bias" tensors."""
@@ -82,9 +90,20 @@ class WeightSpace:
         """int8 weights, i.e. words of a weight memory that holds the model once."""
         return sum(t.size for t in self.weights)
 
-    def memory_map(self, num_words: int) -> MemoryMap:
-        """The `linear` layout of the weights in a memory of num_words words (as `apply` lays them)."""
-        return linear_layout([(t.name, t.size) for t in self.weights], num_words)
+    def memory_map(self, num_words: int, layout=None) -> MemoryMap:
+        """The weights laid out in a memory of num_words words (as `apply` lays them); `layout`:
+        None (linear), a harden.memory.Layout, or a spec such as "tiled:rows=128,cols=128"."""
+        if layout is None:
+            return linear_layout([(t.name, t.size) for t in self.weights], num_words)
+        tensors = self.layout_tensors or tuple(LayoutTensor(t.name, tuple(t.shape)) for t in self.weights)
+        return get_layout(layout).place(tensors, num_words)
+
+    def memory_words(self, layout=None) -> int:
+        """Words of a memory that holds the weights once in `layout` (linear: weight_count)."""
+        if layout is None:
+            return self.weight_count
+        tensors = self.layout_tensors or tuple(LayoutTensor(t.name, tuple(t.shape)) for t in self.weights)
+        return int(get_layout(layout).words_needed(tensors))
 
     def tensor(self, name: str) -> Tensor:
         return next(t for t in self.weights + self.biases if t.name == name)
@@ -203,7 +222,10 @@ class FaultModel(Protocol):
     `check(space)` raises InputError when the model cannot apply (called before any work).
     `sample(rng, space)` must draw everything from `rng` alone, so that a trial is reproducible
     from the generator's seed. Optional: `describe() -> dict` for the report (default: `name`
-    and the fields of `params`).
+    and the fields of `params`); `space_kind` ("weights", the default, or "activations": the
+    campaign then hands `sample` an `ActivationSpace` and runs the trial on the activation-fault
+    session); `targets(space)` (the tensors it may hit) and `restricted(names)` (the same model
+    limited to those tensors), which `--per-layer` needs.
     """
 
     name: str
@@ -283,6 +305,49 @@ def group_cells(
     return out
 
 
+def select_tensors(
+    candidates: tuple[Tensor, ...], names: tuple[str, ...] | None, what: str
+) -> tuple[Tensor, ...]:
+    """The `candidates` named in `names` (all of them when None), in the candidates' own order,
+    so that a restriction to every tensor draws exactly what the unrestricted model draws.
+    InputError on a name that is not a candidate."""
+    from ..errors import InputError
+
+    if names is None:
+        return candidates
+    known = {t.name for t in candidates}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        listed = ", ".join(t.name for t in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        raise InputError(f"{what}: no such tensor {unknown[0]!r} (it can hit: {listed or 'nothing'})")
+    wanted = set(names)
+    return tuple(t for t in candidates if t.name in wanted)
+
+
+def check_tensor_names(names, what: str) -> tuple[str, ...] | None:
+    """Normalise a `tensors` parameter: None, or a non-empty tuple of distinct names."""
+    from ..errors import InputError
+
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = (names,)
+    try:
+        out = tuple(names)
+    except TypeError:
+        raise InputError(f"{what}: tensors must be a list of tensor names, got {names!r}") from None
+    if not out or not all(isinstance(n, str) and n for n in out):
+        raise InputError(f"{what}: tensors must be a non-empty list of tensor names, got {names!r}")
+    if len(set(out)) != len(out):
+        raise InputError(f"{what}: tensors lists a name twice: {names!r}")
+    return out
+
+
+def tensors_suffix(names: tuple[str, ...] | None) -> str:
+    """The label suffix of a restricted model: "" or "@name" / "@a+b"."""
+    return "" if names is None else "@" + "+".join(names)
+
+
 def parse_rates(name: str, args: str, example: str = "1e-4,1e-3") -> list[float]:
     """`1e-4,1e-3` -> [1e-4, 1e-3]; each a probability in [0, 1] (InputError otherwise)."""
     from ..errors import InputError
@@ -300,3 +365,15 @@ def parse_rates(name: str, args: str, example: str = "1e-4,1e-3") -> list[float]
             raise InputError(f"{name}: rate {text} is outside [0, 1]")
         rates.append(r)
     return rates
+
+
+def describe_params(name: str, params, **extra) -> dict:
+    """A fault model's record for the report: its name and parameters (tensors only if restricted)."""
+    from dataclasses import asdict
+
+    d = {"name": name, **asdict(params), **extra}
+    if d.get("tensors") is None:
+        d.pop("tensors", None)
+    else:
+        d["tensors"] = list(d["tensors"])
+    return d

@@ -3,37 +3,49 @@
 `bitflip` hits the int8 weights (each code is XORed on its uint8 view, so bit 7 turns 20 into
 -108, METHODS.md section 6); `bitflip-bias` hits the int32 biases the same way. Only the flipped
 cells are drawn: a binomial count over all bits, then that many distinct positions.
+
+`tensors` (a list of tensor names) restricts the flips to those tensors: the same process over
+their bits alone (what `simulate --per-layer` runs, one tensor per point). Restricting to every
+tensor of the target draws exactly what the unrestricted model draws, whatever the names' order.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import InputError
 from .base import (
+    describe_params,
     Injection,
+    Tensor,
     TensorFaults,
     WeightSpace,
+    check_tensor_names,
     group_cells,
     parse_rates,
     sample_positions,
+    select_tensors,
+    tensors_suffix,
 )
 
 
 @dataclass(frozen=True)
 class BitFlipParams:
-    """rate: bit error rate per cell, in [0, 1]; target: "weight" (int8) or "bias" (int32)."""
+    """rate: bit error rate per cell, in [0, 1]; target: "weight" (int8) or "bias" (int32);
+    tensors: None (every tensor of the target) or the names of the tensors to flip bits in."""
 
     rate: float
     target: str = "weight"
+    tensors: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rate, (int, float, np.floating)) or not 0.0 <= float(self.rate) <= 1.0:
             raise InputError(f"bit error rate must be in [0, 1], got {self.rate!r}")
         if self.target not in ("weight", "bias"):
             raise InputError(f"bit flip target must be 'weight' or 'bias', got {self.target!r}")
+        object.__setattr__(self, "tensors", check_tensor_names(self.tensors, "bitflip"))
 
 
 class BitFlip:
@@ -60,18 +72,27 @@ class BitFlip:
 
     @property
     def label(self) -> str:
-        return f"{self.name}:{self._params.rate:g}"
+        return f"{self.name}:{self._params.rate:g}{tensors_suffix(self._params.tensors)}"
 
     def describe(self) -> dict:
-        return {"name": self.name, **asdict(self._params)}
+        return describe_params(self.name, self._params)
+
+    def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
+        """Every tensor this model may hit (before any restriction)."""
+        return space.of_kind(self._params.target)
+
+    def restricted(self, names) -> BitFlip:
+        """The same flips limited to the named tensors."""
+        return BitFlip(replace(self._params, tensors=check_tensor_names(names, self.name)))
 
     def check(self, space: WeightSpace) -> None:
         if not space.of_kind(self._params.target):
             what = "int8 weights" if self._params.target == "weight" else "int32 biases"
             raise InputError(f"{self.name}: the model has no {what} to flip")
+        select_tensors(self.targets(space), self._params.tensors, self.name)
 
     def sample(self, rng: np.random.Generator, space: WeightSpace) -> Injection:
-        tensors = space.of_kind(self._params.target)
+        tensors = select_tensors(self.targets(space), self._params.tensors, self.name)
         population = sum(t.cells for t in tensors)
         positions = sample_positions(rng, population, float(self._params.rate))
         hits = group_cells(tensors, positions)

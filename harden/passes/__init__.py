@@ -31,6 +31,9 @@ class PassContext:
     progress: Callable[[str], Any] | None = None
     quant_overrides: dict[str, list[dict]] = field(default_factory=dict)
     float_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    #: FAQ's calibration statistics of the int8 model, keyed by (samples, with Hessian): chip
+    #: independent, so a fleet computes them once and every chip's FAQ pass reuses them.
+    layer_stats: dict[tuple[int, bool], dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """FAQ for one chip: lay the int8 weights out in memory, remap the ones on faulty words.
 
 Steps (METHODS.md section 1, DESIGN.md step 5, issue 2):
-1. `linear` layout of the int8 weight tensors; the chip's stuck masks under every weight.
+1. The memory layout of the int8 weight tensors (`linear` unless another layout plugin is
+   given, e.g. "tiled:rows=128,cols=128"); the chip's stuck masks under every weight.
 2. One FAQ lookup table for the fault patterns present.
 3. Per weight tensor, per group of output rows: error feedback onto healthy weights with the
    calibration Hessian (optional), then the table gather, then bias correction of the mean
@@ -22,16 +23,23 @@ from ..compensate import bias_delta, inverse_hessian, remap_rows
 from ..faq_table import FAQTable, faq_remap, pattern_keys
 from ..faultmap import FaultMap, read_back
 from ..layer_stats import collect, rows_to_weight, supported, weight_rows
-from ..memory import MemoryMap, linear_layout
+from ..memory import MemoryMap, as_layout_tensors, get_layout, linear_layout
 from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_metadata
 from . import PassContext, PassResult
 
 INT32 = np.iinfo(np.int32)
 
 
-def memory_map_for(model: onnx.ModelProto, num_words: int) -> MemoryMap:
-    """The default (linear) layout of a QDQ model's int8 weights."""
-    return linear_layout([(w.name, w.size) for w in qdq_weights(model)], num_words)
+def memory_map_for(model: onnx.ModelProto, num_words: int, layout=None) -> MemoryMap:
+    """A QDQ model's int8 weights laid out in a memory of num_words words.
+
+    `layout`: None (linear, DESIGN.md's default), a harden.memory.Layout, a spec string
+    "NAME[:k=v,...]" or (NAME, params dict); names resolve through `harden.layouts` entry points.
+    InputError (exit 2) for an unknown layout or a memory size the layout cannot use.
+    """
+    if layout is None:
+        return linear_layout([(w.name, w.size) for w in qdq_weights(model)], num_words)
+    return get_layout(layout).place(as_layout_tensors(qdq_weights(model)), num_words)
 
 
 def faultmap_record(fm: FaultMap) -> dict:
@@ -55,13 +63,23 @@ def _row_scale(w: QWeight, rows: int) -> np.ndarray:
     return np.broadcast_to(w.scale.astype(np.float64).ravel(), (rows,)) if w.scale.size in (1, rows) else np.ones(rows)
 
 
+def calibration_stats(model: onnx.ModelProto, ctx: PassContext, samples: int, with_hessian: bool) -> dict:
+    """The int8 model's layer-input statistics, computed once per context (chip independent)."""
+    key = (samples, with_hessian)
+    if key not in ctx.layer_stats:
+        ctx.layer_stats[key] = collect(model, qdq_weights(model), ctx.calib.take(samples), with_hessian=with_hessian)
+    return ctx.layer_stats[key]
+
+
 class FAQPass:
     """Fault-aware quantization for one chip, with error feedback and bias correction."""
 
     name = "faq"
 
-    def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256):
+    def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256,
+                 layout=None):
         self.faultmap = faultmap
+        self.layout = None if layout is None else get_layout(layout)  # None: linear
         self.compensate = compensate
         self.bias_correction = bias_correction
         self.calib_samples = calib_samples
@@ -69,7 +87,7 @@ class FAQPass:
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         fm = self.faultmap
         weights = qdq_weights(model)
-        mm = memory_map_for(model, fm.num_words)
+        mm = memory_map_for(model, fm.num_words, self.layout)
         t0 = time.perf_counter()
         sa0_s, sa1_s = mm.stream_masks(fm)
         faulty_s = np.flatnonzero((sa0_s | sa1_s) != 0)
@@ -78,7 +96,7 @@ class FAQPass:
 
         t0 = time.perf_counter()
         need_stats = self.compensate or self.bias_correction
-        stats = collect(model, weights, ctx.calib.take(self.calib_samples), with_hessian=self.compensate) if need_stats else {}
+        stats = calibration_stats(model, ctx, self.calib_samples, self.compensate) if need_stats else {}
         t_stats = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -120,6 +138,7 @@ class FAQPass:
         set_metadata(model, "harden.version", __version__)
         record = {
             **totals,
+            "layout": "linear" if self.layout is None else self.layout.spec,
             "compensation": self.compensate,
             "bias_correction": self.bias_correction,
             "table_patterns": int(table.values.shape[0]),
