@@ -11,9 +11,19 @@ absorb that error, the optimal-brain-surgeon / GPTQ update with H = E[x x^T]:
 which lands every weight in F exactly on its read-back value and moves the rest of the row to
 minimise the output error. FAQ then runs again on the moved row, and bias correction removes
 what is left of the mean output error. Work is in code units (a row's scale cancels out).
+
+Cost (our decision): the solve is cubic in |F|, about 15 % of a row at rate 0.04, so on wide
+layers (a ResNet-50 3x3 conv has rows of 4608) the joint solve took minutes. Rows wider than
+`BLOCK` columns are therefore split into equal blocks of at most `BLOCK` columns, each compensated within
+itself with its own block of H (a block-diagonal H, as GPTQ's lazy batches also work block by
+block): the error of a faulty weight is absorbed by the healthy weights near it in the row.
+Layers no wider than `BLOCK` get the exact joint update. On the residual digits CNN at rate 0.15
+(3 chips) blocks of 128 recovered 88.6 % against 89.5 % for the exact update.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -21,7 +31,17 @@ from .faq_table import FAQTable, faq_remap
 from .faultmap import read_back
 
 DAMPENING = 0.01  # fraction of mean(diag(H)) added to the diagonal, as GPTQ does
+BLOCK = 256  # columns compensated jointly; wider rows are split (see the module docstring)
 _CHUNK_BYTES = 64 << 20
+
+
+def _one_blas_thread():
+    """Limit BLAS to one thread when threadpoolctl is installed (it is no core dependency)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def inverse_hessian(h: np.ndarray, dampening: float = DAMPENING) -> np.ndarray:
@@ -110,11 +130,20 @@ def remap_rows(
     sa0: np.ndarray,
     sa1: np.ndarray,
     table: FAQTable,
-    hinv: np.ndarray | None,
+    hessian: np.ndarray | None,
+    block: int = BLOCK,
 ) -> tuple[np.ndarray, int]:
-    """FAQ codes for one group of rows, with error feedback when `hinv` is given."""
+    """FAQ codes for one group of rows, with error feedback when the input `hessian` is given."""
     forced = 0
-    if hinv is not None:
-        targets, forced = error_feedback(targets, sa0, sa1, hinv, table)
+    if hessian is not None:
+        moved = np.empty(targets.shape, np.float64)
+        d = targets.shape[1]
+        with _one_blas_thread():  # many small solves: threads only contend (bench/README.md)
+            for cols in np.array_split(np.arange(d), -(-d // block)):  # equal blocks of <= block
+                cols = slice(int(cols[0]), int(cols[-1]) + 1)
+                hinv = inverse_hessian(hessian[cols, cols])
+                moved[:, cols], f = error_feedback(targets[:, cols], sa0[:, cols], sa1[:, cols], hinv, table)
+                forced += f
+        targets = moved
     codes = faq_remap(targets.ravel(), sa0.ravel(), sa1.ravel(), table).reshape(targets.shape)
     return codes, forced

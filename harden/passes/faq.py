@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..compensate import bias_delta, inverse_hessian, remap_rows
+from ..compensate import bias_delta, remap_rows
 from ..faq_table import FAQTable, faq_remap, pattern_keys
 from ..faultmap import FaultMap, read_back
 from ..layer_stats import collect, rows_to_weight, supported, weight_rows
@@ -163,12 +163,12 @@ class FAQPass:
         hessians = stats.hessian() if self.compensate else None
         for g in range(stats.groups):
             sl = slice(g * per_group, (g + 1) * per_group)
-            hinv = inverse_hessian(hessians[g]) if hessians is not None else None
-            if hinv is None:
+            hessian = hessians[g] if hessians is not None else None
+            if hessian is None:
                 faq = faq_remap(t_rows[sl].ravel(), s0_rows[sl].ravel(), s1_rows[sl].ravel(), table).reshape(t_rows[sl].shape)
                 codes_rows[sl] = np.where((s0_rows[sl] | s1_rows[sl]) != 0, faq, weight_rows(w, plain)[sl])
             else:
-                codes_rows[sl], f = remap_rows(t_rows[sl].astype(np.float64), s0_rows[sl], s1_rows[sl], table, hinv)
+                codes_rows[sl], f = remap_rows(t_rows[sl].astype(np.float64), s0_rows[sl], s1_rows[sl], table, hessian)
                 forced += f
             if self.bias_correction:
                 fix[sl] = bias_delta(t_rows[sl], codes_rows[sl], stats.mean[g], scale[sl])
