@@ -192,9 +192,23 @@ def check_dataset(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, sour
     return Dataset(inputs, labels, source)
 
 
+#: The prediction of a sample whose logits contain a NaN (`top1`): a class no label has.
+NAN_CLASS = -1
+
+
 def top1(logits: np.ndarray) -> np.ndarray:
-    """Predicted class per sample (logits flattened past the batch axis)."""
-    return np.argmax(logits.reshape(len(logits), -1), axis=1)
+    """Predicted class per sample (logits flattened past the batch axis).
+
+    A sample with a NaN among its logits (float32 weight faults can make them) is predicted as
+    NAN_CLASS (-1): wrong against any label, and a change against any fault-free prediction.
+    Infinite logits are ordinary values (argmax, ties to the lowest index)."""
+    flat = logits.reshape(len(logits), -1)
+    pred = np.argmax(flat, axis=1)
+    if flat.dtype.kind == "f":
+        nan = np.isnan(flat).any(axis=1)
+        if nan.any():
+            pred[nan] = NAN_CLASS
+    return pred
 
 
 def accuracy(pred: np.ndarray, reference: np.ndarray) -> float:

@@ -1,8 +1,11 @@
 """`apply`: float (or int8 QDQ) model + one chip's fault map -> hardened int8 model + report.
 
-The pass sequence of DESIGN.md, readable in one screen:
+The pass sequence of DESIGN.md:
 
-    load -> simplify (onnxsim) -> opset >= 13 -> clip -> quantize -> faq -> simulate -> write
+    load -> simplify (onnxsim) -> opset >= 13 -> clip search -> clip -> [clip-train, saq /
+    variability] -> quantize            (build_shared: chip independent, once per fleet)
+    -> faq -> on-chip accuracy          (harden_for_chip: per chip)
+    -> resilience campaign and ablation -> one atomic write of every output
 
 Every input is read and checked before any work starts, and nothing is written until all the
 work has succeeded (atomic writes), so a failure never leaves a partial output.
@@ -21,22 +24,38 @@ from typing import Callable, Mapping
 import onnx
 
 from . import __version__
+from .clip_search import search_clip
 from .data import Dataset, load_npz
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
+from .faults import parse_fault_spec
+from .faults.chip import ChipFaults
 from .fileio import atomic_write_many, check_output_path
 from .memory import MemoryMap, get_layout, model_layout_tensors
-from .model import get_metadata, constants_to_initializers, drop_initializer_inputs, is_qdq_int8, load_model, opset_of, qdq_weights, simplify, upgrade_opset
+from .model import (
+    constants_to_initializers,
+    drop_initializer_inputs,
+    get_metadata,
+    is_qdq_int8,
+    load_model,
+    opset_of,
+    qdq_weights,
+    simplify,
+    upgrade_opset,
+)
 from .passes import PassContext, run_passes
 from .passes.clip import ClipPass
 from .passes.faq import FAQPass
 from .passes.quantize import QuantizePass
-from .clip_search import search_clip
-from .faults import parse_fault_spec
-from .faults.chip import ChipFaults
 from .report import REPORT_SCHEMA, to_json
 from .resilience import DEFAULT_FAULTS, measure
-from .simulate import ChipEvaluator, Reference, float_reference, model_values, read_through_chip
+from .simulate import (
+    ChipEvaluator,
+    Reference,
+    float_reference,
+    model_values,
+    read_through_chip,
+)
 
 
 @dataclass

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
-
-from pathlib import Path
 
 from ..errors import GateFailed, InputError
 from ..gates import gate_results

@@ -8,6 +8,10 @@ Each model is a class with its parameters in a dataclass (as aihwkit's noise mod
     chip           the stuck-at faults of a given chip's fault map               (ChipFaults)
     bitflip-act    transient bit flips in the quantized activations, per sample  (ActivationBitFlip)
     variability    analog PIM conductance variability, w * exp(theta_chip + theta_cell)  (Variability)
+    bitflip-fp32   transient bit flips in the float32 weights of a *float* model  (FP32BitFlip)
+
+A fault model runs on int8 QDQ models unless it says `precision = "float"` (bitflip-fp32);
+a campaign refuses a point whose precision is not the model's.
 
 Every built-in model takes `tensors` (a list of tensor names) to restrict its faults to those
 tensors, e.g. `BitFlip(BitFlipParams(1e-2, tensors=("conv1_quantized",)))`; `restricted(names)`
@@ -44,7 +48,8 @@ from .chip import ChipFaults, ChipParams
 from .stuckat import StuckAt, StuckAtParams
 
 __all__ = [
-    "ActBitFlipParams", "ActivationBitFlip", "ActivationEvaluator", "ActivationSpace", "BitFlip", "BitFlipParams", "ChipFaults", "ChipParams", "Fault", "FaultModel", "Injection", "StuckAt",
+    "ActBitFlipParams", "ActivationBitFlip", "ActivationEvaluator", "ActivationSpace", "BitFlip", "BitFlipParams", "ChipFaults", "ChipParams",
+    "FP32BitFlip", "FP32BitFlipParams", "Fault", "FaultModel", "FloatWeightEvaluator", "Injection", "StuckAt",
     "StuckAtParams", "Tensor", "TensorFaults", "WeightSpace", "fault_model_names", "parse_fault_spec",
     "parse_rates", "register_fault_model", "sample_positions", "spec_parser",
 ]
@@ -95,3 +100,7 @@ register_fault_model("bitflip-act", ActivationBitFlip.from_spec)
 from .variability import Variability  # noqa: E402 (analog PIM, section 4)
 
 register_fault_model("variability", Variability.from_spec)
+
+from .fp32 import FP32BitFlip, FP32BitFlipParams, FloatWeightEvaluator  # noqa: E402 (float models)
+
+register_fault_model("bitflip-fp32", FP32BitFlip.from_spec)

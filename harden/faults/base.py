@@ -22,13 +22,16 @@ _UNSIGNED = {
     np.dtype(np.int8): np.dtype(np.uint8),
     np.dtype(np.uint8): np.dtype(np.uint8),
     np.dtype(np.int32): np.dtype(np.uint32),
+    np.dtype(np.float32): np.dtype(np.uint32),  # float32 weights of a float model (faults/fp32.py)
 }
 
 
 @dataclass(frozen=True)
 class Tensor:
-    """One injectable tensor: an int8 weight (`kind` "weight"), an int32 bias ("bias"), or a
-    quantized activation ("activation", uint8/int8, shape [samples, ...], faults/activation.py)."""
+    """One injectable tensor: an int8 weight (`kind` "weight"), an int32 bias ("bias"), a
+    quantized activation ("activation", uint8/int8, shape [samples, ...], faults/activation.py),
+    or a float32 weight of a float model ("weight", dtype float32, faults/fp32.py; its bits are
+    those of the uint32 view)."""
 
     name: str
     dtype: np.dtype

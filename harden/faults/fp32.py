@@ -1,0 +1,210 @@
+"""Bit flips in the float32 weights of a *float* model (`bitflip-fp32:RATE,...`).
+
+The int8 fault models need an int8 QDQ model; this one measures the float model itself, as a
+chip (or a GPU / CPU memory) holding float32 weights would see transient bit flips in them.
+
+What it hits: the float32 initializers consumed as input 1 of Conv / ConvTranspose / Gemm /
+MatMul (`harden.model.float_weight_names`: the weights a weight memory holds), in order of
+first consumer. They are taken from the model as given when it has such initializers (legacy
+initializer graph inputs dropped first); otherwise (weights made by Constant / ConstantOfShape
+nodes) from `harden.pipeline.prepare`'s copy (onnxsim, Constant -> initializer). Biases and
+other float constants are not hit.
+
+Drawing: every bit of every such weight (32 per weight; cell (element e, bit b) of tensor t at
+offset_t + 32 e + b, bit 0 = mantissa LSB, bits 23-30 = exponent, bit 31 = sign) flips with
+probability RATE: trial t of point p draws, from rng([seed, p, t]) alone, a binomial count over
+all those bits and then that many distinct positions (the method of every weight model). A flip
+XORs the weight's uint32 view, so `describe_trial` lists exactly (tensor, flat index, bit).
+
+The session (`FloatWeightEvaluator`, campaign session kind "fp32"): one onnxruntime session of
+the float model whose weight initializers are graph inputs; a trial copies only the tensors it
+hits and costs one inference pass. A campaign scores the points against this session's own clean
+predictions and reports how they compare with the model's ordinary session (`fp32.clean`).
+
+Exponent flips make huge weights, inf or NaN: setting bit 30 (the exponent's MSB, clear in
+every weight below 2 in magnitude) multiplies a weight by 2^128 (about 3.4e38), and a weight in
+[1, 2) becomes inf or NaN; sums of such products overflow to inf and inf - inf is NaN, so
+logits can be NaN. Predictions on NaN are defined once for every session
+(`harden.data.top1`): a sample whose logits contain a NaN is predicted as class -1, a class no
+label or fault-free prediction has, so it counts as wrong and, when the fault-free model got the
+sample right, as an SDC-1 event. Infinite (non-NaN) logits are ordinary: argmax, ties to the
+lowest index. The report gives, per fp32 point, the fraction of outputs with a NaN logit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from ..data import Dataset, top1
+from ..errors import InputError
+from .base import (
+    Injection,
+    Tensor,
+    TensorFaults,
+    WeightSpace,
+    check_tensor_names,
+    describe_params,
+    group_cells,
+    parse_rates,
+    sample_positions,
+    select_tensors,
+    tensors_suffix,
+)
+
+#: The campaign session kind of float32 weight faults (harden.campaign.SESSION_KINDS).
+FP32_KIND = "fp32"
+
+
+def fp32_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """The float model whose weights a trial flips, and whether `prepare` (onnxsim) made it:
+    the model as given (a copy, legacy initializer inputs dropped) when it has float weight
+    initializers, else `harden.pipeline.prepare`'s simplified copy."""
+    from ..model import drop_initializer_inputs, float_weight_names
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    drop_initializer_inputs(m)
+    if float_weight_names(m):
+        return m, False
+    from ..pipeline import prepare
+
+    prepared, _ = prepare(m)
+    return prepared, True
+
+
+def float_space(model: onnx.ModelProto) -> WeightSpace:
+    """The float32 weight tensors of a float model that is ready to run (see `fp32_model`), as
+    a WeightSpace of float32 `Tensor`s (kind "weight"), in order of first consumer."""
+    from ..model import float_weight_names, initializer_map
+
+    inits = initializer_map(model)
+    return WeightSpace(tuple(
+        Tensor(n, np.dtype(np.float32), tuple(int(d) for d in inits[n].dims), "weight") for n in float_weight_names(model)
+    ))
+
+
+# --- the fault model --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FP32BitFlipParams:
+    """rate: probability that each bit of a float32 weight flips, in [0, 1]; tensors: None
+    (every float weight) or the names of the weight initializers to flip bits in."""
+
+    rate: float
+    tensors: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float, np.floating)) or not 0.0 <= float(self.rate) <= 1.0:
+            raise InputError(f"bitflip-fp32: bit error rate must be in [0, 1], got {self.rate!r}")
+        object.__setattr__(self, "tensors", check_tensor_names(self.tensors, "bitflip-fp32"))
+
+
+class FP32BitFlip:
+    """Independent transient bit flips in the float32 weights of a float model."""
+
+    name = "bitflip-fp32"
+    deterministic = False
+    space_kind = FP32_KIND
+    precision = "float"  # runs on float models only (the campaign refuses it on an int8 one)
+
+    def __init__(self, params: FP32BitFlipParams):
+        self._params = params
+
+    @classmethod
+    def from_spec(cls, args: str) -> list[FP32BitFlip]:
+        return [cls(FP32BitFlipParams(r)) for r in parse_rates("bitflip-fp32", args, "1e-6,1e-5")]
+
+    @property
+    def params(self) -> FP32BitFlipParams:
+        return self._params
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self._params.rate:g}{tensors_suffix(self._params.tensors)}"
+
+    def describe(self) -> dict:
+        return describe_params(self.name, self._params, bits="float32 (sign 31, exponent 23-30, mantissa 0-22)")
+
+    def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
+        return space.weights
+
+    def restricted(self, names) -> FP32BitFlip:
+        return FP32BitFlip(replace(self._params, tensors=check_tensor_names(names, self.name)))
+
+    def check(self, space: WeightSpace) -> None:
+        if not space.weights:
+            raise InputError("bitflip-fp32: the model has no float32 Conv/ConvTranspose/Gemm/MatMul weights to flip")
+        if any(np.dtype(t.dtype) != np.float32 for t in space.weights):
+            raise InputError("bitflip-fp32 flips float32 weights; this space holds int8 codes (an int8 QDQ model)")
+        select_tensors(space.weights, self._params.tensors, self.name)
+
+    def sample(self, rng: np.random.Generator, space: WeightSpace) -> Injection:
+        tensors = select_tensors(space.weights, self._params.tensors, self.name)
+        population = sum(t.cells for t in tensors)
+        positions = sample_positions(rng, population, float(self._params.rate))
+        hits = group_cells(tensors, positions)
+        return Injection(tuple(TensorFaults(t.name, idx, flip=mask) for t, idx, mask, _ in hits), int(positions.size))
+
+
+# --- the session ------------------------------------------------------------------------------
+
+
+class FloatWeightEvaluator:
+    """The float model on one data set, its float32 weights as graph inputs of one session:
+    predictions under any weight values (a trial's faulty copies).
+
+    Interface of a campaign side session: `space`, `clean`, `clean_logits`, `model`,
+    `predictions(injection)`; also `values` (the clean weights), `ops` (tensor -> (op type,
+    node name) of its first consumer) and `session_info()` for the report."""
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
+        from ..model import WEIGHT_OPS, get_initializer
+        from ..runtime import batch_size_for, session
+        from ..simulate import weights_as_inputs
+
+        work, self.prepared = fp32_model(model)
+        self.space = float_space(work)
+        if not self.space.weights:
+            raise InputError("bitflip-fp32: the model has no float32 Conv/ConvTranspose/Gemm/MatMul weights to flip")
+        names = [t.name for t in self.space.weights]
+        self.values = {n: np.ascontiguousarray(get_initializer(work, n), dtype=np.float32) for n in names}
+        self.ops: dict[str, tuple[str, str]] = {}
+        for node in work.graph.node:
+            if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in self.values:
+                self.ops.setdefault(node.input[1], (node.op_type, node.name))
+        self.model = weights_as_inputs(work, names)
+        self.session = session(self.model)
+        self.data = data
+        self.batch = batch_size_for(work, batch)
+        self._output = self.session.get_outputs()[0].name
+        self.clean_logits = self.logits(None)
+        self.clean = top1(self.clean_logits)
+
+    def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        from ..runtime import run_batched
+
+        feeds = self.values if values is None else {**self.values, **values}
+        (out,) = run_batched(self.session, self.data, self.batch, [self._output], feeds)
+        return out
+
+    def predictions(self, injection: Injection | None = None) -> np.ndarray:
+        """Top-1 with the trial's flips applied (NaN logits -> class -1, see the module doc)."""
+        if injection is None or not injection.tensors:
+            return self.clean
+        return top1(self.logits(injection.apply(self.values)))
+
+    def session_info(self) -> dict:
+        """What the report records of this session."""
+        return {
+            "tensors": len(self.space.weights),
+            "weights": sum(t.size for t in self.space.weights),
+            "bits": sum(t.cells for t in self.space.weights),
+            "prepared": self.prepared,
+        }
+
+
+__all__ = ["FP32BitFlip", "FP32BitFlipParams", "FP32_KIND", "FloatWeightEvaluator", "float_space", "fp32_model"]
