@@ -3,6 +3,7 @@ and FAQ's cost against one epoch.
 
     python bench/bench_saq.py                  # about 2 minutes on 2 busy cores
     python bench/bench_saq.py --search         # also the settings search of docs/training.md (~6 min)
+    python bench/bench_saq.py --stuckat        # only the stuck-at comparison below (~1 min)
 
 Per model (the test zoo's residual and plain digits CNNs and the breast-cancer MLP, trained by
 tests/zoo.py into bench/.cache):
@@ -19,7 +20,18 @@ for a chip at fault rate 0.04 on the same int8 model, both plain FAQ (table + on
 statistics) and harden's default (error feedback and bias correction, which need calibration
 statistics), as a fraction of one SAQ epoch.
 
-Writes bench/results/saq.json (and saq_search.json with --search).
+Stuck-at chips (--stuckat), residual CNN: the same pipeline as `harden apply --clip-percentile
+100 [--saq --train-data train.npz]` (harden.pipeline.build_shared: the int8 model is built once
+per variant), then for each of --chips simulated chips at fault rate 0.04 (generate_uniform,
+seeds 1..N, one 8-bit word per weight) the accuracy on the test split of plain int8 on the chip
+(int8_on_chip), of harden's FAQ (error feedback + bias correction, hardened_on_chip) and of
+plain FAQ (table only), without SAQ and with SAQ at training seeds 0, 1, 2; mean with its
+Student-t 95 % interval, and the per-chip paired difference SAQ - no SAQ with its interval. Also
+the campaign engine's random `stuckat:0.04` model (100 trials, seed 0: the same faulty cells for
+both models, so also paired) on the two int8 models.
+
+Writes bench/results/saq.json (saq_search.json with --search; saq_stuckat.json with --stuckat,
+which runs only that comparison).
 """
 
 from __future__ import annotations
@@ -53,7 +65,8 @@ from harden.passes import PassContext, run_passes  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
 from harden.passes.faq import FAQPass  # noqa: E402
 from harden.passes.quantize import QuantizePass  # noqa: E402
-from harden.pipeline import prepare  # noqa: E402
+from harden.pipeline import ApplyOptions, build_shared, harden_for_chip, prepare, reference_evaluator  # noqa: E402
+from harden.stats import summarize  # noqa: E402
 from harden.train.saq import SAQConfig, fine_tune  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -128,13 +141,104 @@ def faq_cost(q, ctx, rounds: int = 3) -> dict:
     return out
 
 
+STUCKAT_RATE = 0.04
+FAQ_VARIANTS = (("int8", None), ("faq", {}), ("faq_plain", {"compensation": False, "bias_correction": False}))
+
+
+def _ci(values, bounds=(0.0, 1.0)) -> dict:
+    s = summarize(values, 0.95, bounds)
+    return {"mean": round(s.mean, 6), "ci95": [round(s.low, 6), round(s.high, 6)]}
+
+
+def shared_int8(src, d, saq_seed: int | None):
+    """The chip-independent part of `harden apply --clip-percentile 100 [--saq --train-data ...]`:
+    prepare -> clip -> [SAQ at the defaults, training seed saq_seed] -> quantize, and its evaluator."""
+    opts = ApplyOptions(clip_percentile=100.0, saq=saq_seed is not None, seed=saq_seed or 0, trials=0)
+    shared = build_shared(onnx.load(str(src)), ds(d, "calib"), ds(d, "test"), opts, lambda _m: None,
+                          ds(d, "train") if saq_seed is not None else None)
+    return shared, opts, reference_evaluator(shared)
+
+
+def on_chips(shared, opts, evaluator, chips: int, rate: float = STUCKAT_RATE) -> dict[str, np.ndarray]:
+    """Per chip (generate_uniform seeds 1..chips): plain int8, harden's FAQ and plain FAQ on it."""
+    out = {k: [] for k, _ in FAQ_VARIANTS}
+    for seed in range(1, chips + 1):
+        fm = generate_uniform(shared.num_words, rate, seed)
+        for key, over in FAQ_VARIANTS[1:]:
+            _, _, res = harden_for_chip(shared, fm, ApplyOptions(**{**opts.__dict__, **over}), evaluator)
+            if key == "faq":
+                out["int8"].append(res["accuracy"]["int8_on_chip"])
+            out[key].append(res["accuracy"]["hardened_on_chip"])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def stuckat_campaign(q, d, trials: int, rate: float = STUCKAT_RATE) -> np.ndarray:
+    """Per-trial accuracy under the campaign engine's random stuck-at model (seed 0)."""
+    camp = Campaign(q, ds(d, "test"), parse_fault_spec(f"stuckat:{rate:g}"), seed=0)
+    return camp.run(CampaignOptions(trials=trials, seed=0)).points[0].accuracy
+
+
+def stuckat_comparison(chips: int, trials: int, saq_seeds=(0, 1, 2)) -> dict:
+    """SAQ vs no SAQ on stuck-at chips, with and without FAQ (residual CNN); see the docstring."""
+    src, d = models()["residual"]
+    rows, base = [], None
+    for seed in (None, *saq_seeds):
+        t0 = time.perf_counter()
+        shared, opts, ev = shared_int8(src, d, seed)
+        acc = on_chips(shared, opts, ev, chips)
+        camp = stuckat_campaign(shared.plain, d, trials)
+        r = {"variant": "no SAQ" if seed is None else f"SAQ seed {seed}", "clean": round(ev.evaluate(), 6),
+             **{f"chips_{k}": _ci(v) for k, v in acc.items()}, "campaign_int8": _ci(camp)}
+        if seed is None:
+            base = (acc, camp)
+        else:
+            r.update({f"gain_{k}": _ci(v - base[0][k], None) for k, v in acc.items()})
+            r["gain_campaign_int8"] = _ci(camp - base[1], None)
+        r["per_chip"] = {k: [round(float(a), 6) for a in v] for k, v in acc.items()}
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(r)
+        print(_stuckat_line(r), flush=True)
+    return {"model": "residual", "rate": STUCKAT_RATE, "chips": chips, "chip_seeds": [1, chips], "campaign_trials": trials,
+            "rows": rows}
+
+
+def _fmt(x: dict) -> str:
+    return f"{100 * x['mean']:5.1f} [{100 * x['ci95'][0]:5.1f}, {100 * x['ci95'][1]:5.1f}]"
+
+
+def _stuckat_line(r: dict) -> str:
+    line = (f"{r['variant']:11s} clean {100 * r['clean']:6.2f}  chips: int8 {_fmt(r['chips_int8'])}  faq {_fmt(r['chips_faq'])}  "
+            f"plain faq {_fmt(r['chips_faq_plain'])}  campaign int8 {_fmt(r['campaign_int8'])}")
+    if "gain_int8" in r:
+        line += (f"\n{'':11s} gain (SAQ - no SAQ, paired): int8 {_fmt(r['gain_int8'])}  faq {_fmt(r['gain_faq'])}  "
+                 f"plain faq {_fmt(r['gain_faq_plain'])}  campaign {_fmt(r['gain_campaign_int8'])}")
+    return line
+
+
+def _meta(args, started) -> dict:
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
+                    "torch": torch.__version__, "torch_threads": 1},
+        "trials": args.trials,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--search", action="store_true", help="also run the settings search (residual CNN)")
+    ap.add_argument("--stuckat", action="store_true", help="only the stuck-at comparison (SAQ x FAQ on stuck-at chips)")
+    ap.add_argument("--chips", type=int, default=100, help="simulated stuck-at chips for --stuckat (seeds 1..N)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
+    if args.stuckat:
+        res = stuckat_comparison(args.chips, args.trials)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "saq_stuckat.json").write_text(json.dumps({**_meta(args, started), "defaults": SAQConfig().__dict__, **res}, indent=1) + "\n")
+        return 0
     rows, table = [], []
     for name, (src, d) in models().items():
         variants = [("base", None), ("qat", SAQConfig(sam=False))] + [(f"saq seed {s}", SAQConfig(seed=s)) for s in (0, 1, 2)]
@@ -166,13 +270,7 @@ def main() -> int:
                 search.append(r)
                 print(f"  {label:28s} seed {seed}: clean {100 * r['clean']:.2f}  ber 1e-2 {100 * r['ber_1e-2']['mean']:.1f} "
                       f"[{100 * r['ber_1e-2']['ci95'][0]:.1f}, {100 * r['ber_1e-2']['ci95'][1]:.1f}]  kept epoch {r['kept_epoch']}", flush=True)
-    meta = {
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": 1},
-        "trials": args.trials,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    meta = _meta(args, started)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "saq.json").write_text(json.dumps({**meta, "defaults": SAQConfig().__dict__, "rows": rows, "cost": table}, indent=1) + "\n")
     if search is not None:

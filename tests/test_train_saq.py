@@ -148,3 +148,36 @@ def test_apply_saq_cli(tmp_path, residual_cnn, digits, digits_calib_npz, digits_
     assert saq["train_data"] == "train data" and saq["train_samples"] == 1200
     assert rep["options"]["saq"] is True and rep["options"]["train_data"] == str(train)
     assert rep["results"]["accuracy"]["int8"] > 0.95
+
+
+def test_saq_under_stuck_at_chips_with_and_without_faq(residual_cnn, digits):
+    """The stuck-at half of the claim (docs/training.md, `bench_saq.py --stuckat`), what holds of
+    it: at fault rate 0.04, SAQ raises plain int8's accuracy under the campaign engine's random
+    stuck-at cells (paired 95 % interval of the gain above 0, and the two models' intervals
+    disjoint, 100 trials) and on simulated chips (mean paired gain > 0), while once harden's FAQ
+    (error feedback) has repaired a chip SAQ neither helps nor costs more than 1 point."""
+    from harden import pipeline
+    from harden.faultmap import generate_uniform
+    from harden.stats import summarize
+
+    test, calib, train = _ds(digits, "test"), _ds(digits, "calib"), _ds(digits, "train")
+    camp, chips, clean = {}, {}, {}
+    for saq in (False, True):
+        opts = pipeline.ApplyOptions(clip_percentile=100.0, saq=saq, trials=0)
+        shared = pipeline.build_shared(onnx.load(str(residual_cnn)), calib, test, opts, lambda _m: None, train if saq else None)
+        c = Campaign(shared.plain, test, parse_fault_spec("stuckat:0.04"), seed=0)
+        camp[saq] = c.run(CampaignOptions(trials=100, seed=0)).points[0].accuracy
+        ev = pipeline.reference_evaluator(shared)
+        clean[saq] = ev.evaluate()
+        rows = []
+        for seed in range(1, 9):
+            _, _, res = pipeline.harden_for_chip(shared, generate_uniform(shared.num_words, 0.04, seed), opts, ev)
+            rows.append((res["accuracy"]["int8_on_chip"], res["accuracy"]["hardened_on_chip"]))
+        chips[saq] = np.array(rows)
+    s0, s1, gain = summarize(camp[False]), summarize(camp[True]), summarize(camp[True] - camp[False], bounds=None)
+    assert clean[False] >= 0.97 and clean[True] >= clean[False] - 0.01, clean
+    assert gain.low > 0 and s1.low > s0.high, (s0, s1, gain)
+    int8_gain, faq_gain = (chips[True] - chips[False]).mean(axis=0)
+    assert int8_gain > 0, chips
+    assert abs(faq_gain) <= 0.01, chips
+    assert chips[False][:, 1].mean() > 0.95 and chips[True][:, 1].mean() > 0.95, chips
