@@ -25,7 +25,13 @@ they are ordinary points of the same campaign (indices after the `--fault` point
 
 Activation faults (`bitflip-act`) run on a second session, the rewrite of
 faults/activation.py, built only when a point needs it; those points are scored against that
-session's own clean predictions.
+session's own clean predictions. Every side session works that way (`SESSION_KINDS`, keyed by
+a fault model's `space_kind`).
+
+Float models: a campaign also runs on a float model, whose points must then be float fault
+models (`precision = "float"`: `bitflip-fp32`, faults/fp32.py, on its own "fp32" session); the
+weight session is then the float model's ordinary session, the fault-free reference. A point
+whose precision is not the model's is refused before any work (`check_precision`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .data import Dataset, load_npz
+from .data import NAN_CLASS, Dataset, load_npz
 from .errors import InputError
 from .faults import (
     ActivationEvaluator,
@@ -51,6 +57,8 @@ from .faults import (
     WeightSpace,
     parse_fault_spec,
 )
+from .faults.fp32 import FP32_KIND, FloatWeightEvaluator, float_space, fp32_model
+from .gates import PointGate, check_point_gates, point_gate_results
 from .model import is_qdq_int8, load_model
 from .report import REPORT_SCHEMA
 from .simulate import ChipEvaluator, Reference
@@ -110,6 +118,7 @@ class TrialResult:
     accuracy: float
     sdc1_events: int  # correct inputs whose top-1 changed
     faulty_cells: int
+    nan_outputs: int = 0  # inputs whose logits hold a NaN (predicted as class -1, data.NAN_CLASS)
 
 
 @dataclass
@@ -122,6 +131,7 @@ class PointResult:
     faulty_cells: np.ndarray
     stopped_early: bool = False
     seconds: float = 0.0
+    nan_outputs: np.ndarray | None = None
 
     @property
     def trials(self) -> int:
@@ -178,11 +188,12 @@ class Campaign:
         evaluator: ChipEvaluator | None = None,
     ):
         self.space = WeightSpace.from_model(model)
-        if not self.space.weights:
-            raise InputError("the model has no int8 Conv/Gemm/MatMul weights (not an int8 QDQ model)")
+        #: "int8" (an int8 QDQ model) or "float" (no int8 weights: only float fault models run)
+        self.precision = "int8" if self.space.weights else "float"
+        self.points = list(points)
+        check_precision(self.points, self.precision)
         self.model = model
         self.data = data
-        self.points = list(points)
         self.seed = int(seed)
         self.per_layer: PerLayer | None = None
         if evaluator is None:
@@ -217,6 +228,11 @@ class Campaign:
     @classmethod
     def is_analog(cls, model: FaultModel) -> bool:
         return cls.kind_of(model) == "analog"
+
+    @staticmethod
+    def precision_of(model: FaultModel) -> str:
+        """The model precision a fault model needs: "int8" (the default) or "float"."""
+        return getattr(model, "precision", "int8")
 
     def session(self, kind: str):
         """The side session of `kind` (built on first use) and its clean baseline. Labels (or a
@@ -258,6 +274,7 @@ class Campaign:
             raise InputError(f"--per-layer: fault model {getattr(base, 'name', base)!r} cannot be restricted to one tensor")
         if getattr(base, "params", None) is not None and getattr(base.params, "tensors", None) is not None:
             raise InputError("--per-layer takes an unrestricted fault model (it restricts it to each tensor in turn)")
+        check_precision([base], self.precision, "--per-layer")
         space = self.space_of(base)
         base.check(space)
         tensors = list(base.targets(space))
@@ -306,9 +323,11 @@ class Campaign:
             pred = self.session(kind)[0].predictions(inj)
         else:
             pred = self.evaluator.predictions(inj.apply(self.values))
+        # A NaN logit row is predicted as NAN_CLASS (-1, data.top1): wrong, and an SDC-1 event
+        # when the fault-free prediction was right; both figures need nothing more.
         acc = float(np.mean(pred == base.target))
         events = int(np.count_nonzero(pred[base.correct] != base.clean_pred[base.correct]))
-        return TrialResult(point, trial, acc, events, inj.cells)
+        return TrialResult(point, trial, acc, events, inj.cells, int(np.count_nonzero(pred == NAN_CLASS)))
 
     # --- the campaign --------------------------------------------------------------------
 
@@ -318,11 +337,12 @@ class Campaign:
         acc = np.empty(planned)
         events = np.empty(planned, np.int64)
         cells = np.empty(planned, np.int64)
+        nans = np.empty(planned, np.int64)
         t0 = time.perf_counter()
         n, stopped = 0, False
         for t in range(planned):
             r = self.run_trial(point, t)
-            acc[t], events[t], cells[t] = r.accuracy, r.sdc1_events, r.faulty_cells
+            acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
             n = t + 1
             if progress:
                 progress(1)
@@ -334,7 +354,7 @@ class Campaign:
         if progress and n < planned:
             progress(planned - n)
         return PointResult(point, model, planned, acc[:n].copy(), events[:n].copy(), cells[:n].copy(), stopped,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, nans[:n].copy())
 
     def run(self, options: CampaignOptions | None = None, progress: Callable[[int], None] | None = None) -> CampaignResult:
         opts = options or CampaignOptions(seed=self.seed)
@@ -373,6 +393,14 @@ class Campaign:
         if self.kind_of(m) != "weights":
             rec["session"] = self.kind_of(m)
             rec["clean_accuracy"] = round(self.baseline_of(pr.index).clean_accuracy, 6)
+        if self.precision_of(m) == "float" and pr.nan_outputs is not None:
+            # float32 faults can make NaN logits: those inputs count as wrong (data.top1)
+            frac = pr.nan_outputs / max(1, int(self.target.size))
+            rec["nan_outputs"] = {
+                "mean": round(float(frac.mean()), 6),
+                "max": round(float(frac.max()), 6),
+                "trials_with_nan": int(np.count_nonzero(pr.nan_outputs)),
+            }
         if n_correct:
             rates = pr.sdc1_events / n_correct
             s, s_c = summarize(rates, 0.95), summarize(rates, options.confidence)
@@ -432,6 +460,9 @@ class Campaign:
             ops[w.name] = (w.op_type, w.node_name)
             if w.bias:
                 ops[w.bias] = (w.op_type, w.node_name)
+        kind = self.kind_of(self.per_layer.base)
+        if kind != "weights":  # a side session may know its tensors' ops (fp32: `ops`)
+            ops.update(getattr(self.session(kind)[0], "ops", None) or {})
         sites = {s.name: s for s in self.act_space.sites} if self.is_activation(self.per_layer.base) else {}
         out = []
         for i, t in zip(self.per_layer.indices, self.per_layer.tensors):
@@ -485,6 +516,9 @@ class Campaign:
         if callable(compare):  # the session's own comparison (e.g. analog: top-1 agreement rate)
             clean.update(compare(fused))
         rec: dict = {"opset": int(next((o.version for o in ev.model.opset_import if o.domain in ("", "ai.onnx")), 0))}
+        info = getattr(ev, "session_info", None)
+        if callable(info):  # what the session says of itself (fp32: tensors, weights, bits, prepared)
+            rec.update(info())
         if kind == "activations":
             rec.update(
                 sites=[
@@ -510,11 +544,35 @@ def _analog_session(model: onnx.ModelProto, data: Dataset):
 
 #: Side sessions by a fault model's `space_kind`: factory(model, data) -> an evaluator with
 #: `space` (what `sample` draws over), `clean`, `clean_logits`, `model` and
-#: `predictions(injection)`. "weights" is the campaign's own ChipEvaluator.
+#: `predictions(injection)`; optional: `compare_fused(logits)`, `session_info()`, `ops`
+#: (tensor -> (op type, node name)). "weights" is the campaign's own ChipEvaluator.
 SESSION_KINDS: dict[str, Callable[[onnx.ModelProto, Dataset], object]] = {
     "activations": ActivationEvaluator,
     "analog": _analog_session,
+    FP32_KIND: FloatWeightEvaluator,
 }
+
+
+def check_precision(points: Sequence[FaultModel], precision: str, what: str = "", model_name: str = "") -> None:
+    """InputError (one line) for the first point whose precision ("int8", the default, or
+    "float": `FaultModel.precision`) is not the model's: int8 fault models need an int8 QDQ
+    model, float ones (bitflip-fp32) a float model."""
+    where = f"{model_name}: " if model_name else ""
+    for p in points:
+        need = getattr(p, "precision", "int8")
+        if need == precision:
+            continue
+        label = f"{what} {p.label}" if what else p.label
+        if need == "int8":
+            raise InputError(
+                f"{where}{label} is an int8 fault model and simulate takes an int8 QDQ model for it, "
+                "but this one has float weights: use bitflip-fp32:RATE,... for its float32 weights, "
+                "or run harden apply first to quantize it"
+            )
+        raise InputError(
+            f"{where}{label} flips bits of float32 weights, but this is an int8 QDQ model: give the float model "
+            "(before harden apply), or use bitflip:RATE,... for its int8 weights"
+        )
 
 
 def describe_trial(
@@ -540,6 +598,10 @@ def describe_trial(
         fault.check(model)
         faults = fault.sample(trial_rng(seed, point, trial), model).faults(None)
         return [f._replace(changes=True) if f.kind == "flip" else f for f in faults]
+    if getattr(fault, "space_kind", "weights") == FP32_KIND:
+        space = model if isinstance(model, WeightSpace) else float_space(fp32_model(model)[0])
+        fault.check(space)
+        return [f._replace(changes=True) for f in fault.sample(trial_rng(seed, point, trial), space).faults(None)]
     if isinstance(model, WeightSpace):
         space, values = model, None
     else:
@@ -586,11 +648,16 @@ def prepare_campaign(
     *,
     per_layer: str | FaultModel | None = None,
     allow_empty: bool = False,
+    gates: Sequence[PointGate] = (),
+    int8_only: str | None = None,
 ) -> tuple[Campaign, onnx.ModelProto, Dataset]:
-    """Check every input (options, fault specs, model, data) and build the campaign.
+    """Check every input (options, fault specs, gates, model, data) and build the campaign.
 
     `per_layer`: a fault spec naming one point (or a FaultModel), appended as one point per
-    tensor it can hit. `allow_empty`: no point at all is fine (diagnostics only)."""
+    tensor it can hit. `allow_empty`: no point at all is fine (diagnostics only). `gates`: each
+    must name a point label (or "all"), checked before the model is even loaded. `int8_only`:
+    the name of a requested measurement that needs an int8 QDQ model (e.g. "--diagnostics").
+    Every point must suit the model's precision (int8 QDQ, or float for bitflip-fp32)."""
     opts = options or CampaignOptions()
     opts.validate()
     points: list[FaultModel] = []
@@ -602,9 +669,16 @@ def prepare_campaign(
     if not points and base is None and not allow_empty:
         raise InputError("nothing to simulate: give --fault SPEC (e.g. bitflip:1e-4,1e-3), --faultmap CHIP, "
                          "--per-layer SPEC or --diagnostics")
+    check_point_gates(gates, [p.label for p in points])
     model = load_model(model_path)
-    if not is_qdq_int8(model):
-        raise InputError(f"{model_path}: simulate takes an int8 QDQ model, this one has float weights; run harden apply first")
+    precision = "int8" if is_qdq_int8(model) else "float"
+    if precision == "float" and (int8_only or not (points or base)):
+        what = int8_only or "simulate"
+        raise InputError(f"{model_path}: {what} takes an int8 QDQ model, this one has float weights; run harden apply "
+                         "first (a float model takes bitflip-fp32:RATE,... only)")
+    check_precision(points, precision, model_name=str(model_path))
+    if base is not None:
+        check_precision([base], precision, "--per-layer", str(model_path))
     data = load_npz(data_path, model, role="data")
     campaign = Campaign(model, data, points, seed=opts.seed)
     if base is not None:
@@ -626,14 +700,18 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     show_trial: tuple[int, int] | None = None,
+    gates: Sequence[PointGate] = (),
 ) -> SimulationResult:
     """Run a campaign (or re-derive one trial with `show_trial=(point, trial)`) and report it.
 
     `per_layer`: one fault point (spec or FaultModel) run on each tensor alone; the report's
     `per_layer` ranks the tensors by accuracy loss. `diagnostics`: add activation sparsity and
     epsilon-sharpness at `rho` over `sharpness_samples` perturbations (seeded by the campaign
-    seed). `on_start(total_planned_trials)` is called once the inputs are checked, before any
-    trial.
+    seed). `gates`: `harden.gates.PointGate`s at named points, checked against the point labels
+    before any work and evaluated into the report's `gates` (this function never raises for a
+    failed gate; the CLI exits 1). `on_start(total_planned_trials)` is called once the inputs
+    are checked, before any trial. The model is int8 QDQ, or float with float fault models
+    only (bitflip-fp32).
     """
     from .pipeline import sha256_of
 
@@ -641,10 +719,24 @@ def simulate(
     opts = options or CampaignOptions()
     if diagnostics:
         _check_diagnostics(rho, sharpness_samples)
+    gates = [g.canonical() for g in gates]
+    if gates and show_trial is not None:
+        raise InputError("--min-accuracy / --max-drop gate a campaign's points; they do not apply to --show-trial")
     campaign, model, data = prepare_campaign(model_path, data_path, faults, faultmaps, opts,
-                                             per_layer=per_layer, allow_empty=diagnostics)
+                                             per_layer=per_layer, allow_empty=diagnostics, gates=gates,
+                                             int8_only="--diagnostics" if diagnostics else None)
     space = campaign.space
     n_main = campaign.main_points
+    model_rec: dict = {
+        "precision": campaign.precision,
+        "int8_tensors": len(space.weights),
+        "int8_weights": space.weight_count,
+        "int32_bias_tensors": len(space.biases),
+        "int32_biases": sum(t.size for t in space.biases),
+    }
+    if campaign.precision == "float":
+        fspace = campaign.session(FP32_KIND)[0].space
+        model_rec.update(float_weight_tensors=len(fspace.weights), float_weights=fspace.weight_count)
     report: dict = {
         "schema": REPORT_SCHEMA,
         "harden_version": __version__,
@@ -653,12 +745,7 @@ def simulate(
             "model": {"path": str(model_path), "sha256": sha256_of(model_path)},
             "data": {"path": str(data_path), "sha256": sha256_of(data_path), "samples": len(data)},
         },
-        "model": {
-            "int8_tensors": len(space.weights),
-            "int8_weights": space.weight_count,
-            "int32_bias_tensors": len(space.biases),
-            "int32_biases": sum(t.size for t in space.biases),
-        },
+        "model": model_rec,
         "options": {**asdict(opts), "planned_trials": opts.planned_trials()},
         "points": [{"index": i, "label": p.label, "fault": _describe(p)} for i, p in enumerate(campaign.points[:n_main])],
         "clean": {
@@ -684,6 +771,8 @@ def simulate(
         on_start(campaign.total_planned(opts))
     result = campaign.run(opts, progress)
     report["points"] = [campaign.point_record(p, opts) for p in result.points[:n_main]]
+    if gates:
+        report["gates"] = point_gate_results(report, gates)
     if pl is not None:
         report["per_layer"] = campaign.per_layer_records(result, opts)
     for kind in campaign._sessions:

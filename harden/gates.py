@@ -6,8 +6,9 @@
   its threshold, its value and whether it passed.
 - `simulate --min-accuracy POINT=ACC / --max-drop POINT=DROP` (`PointGate`,
   `point_gate_results`), repeatable: gates at named fault points. POINT is a point label as
-  `simulate` prints it (`bitflip:0.001`, `chip:sample-chip-0042`, `bitflip-fp32:1e-06`) or
-  `all` (every --fault / --faultmap point). The figure is the point's *mean* accuracy over its
+  `simulate` prints it (`bitflip:0.001`, `chip:sample-chip-0042`, `bitflip-fp32:1e-06`; a
+  one-point spec such as `bitflip:1e-3` is read as the label it gives) or `all` (every
+  --fault / --faultmap point). The figure is the point's *mean* accuracy over its
   trials; `ACC@ci` / `DROP@ci` uses the lower bound of the point's accuracy interval at the
   campaign's --confidence instead (mean - half-width; exact for a deterministic point, none
   for a random point with one trial, which then fails the gate). DROP is measured against the
@@ -21,7 +22,7 @@ Both kinds compare the same way (`check`): accuracy >= ACC, and fault-free - acc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import InputError
 
@@ -98,6 +99,22 @@ class PointGate:
         """The gate as given on the command line: POINT=THRESHOLD[@ci]."""
         return f"{self.point}={self.threshold:g}" + ("@ci" if self.statistic == "ci" else "")
 
+    def canonical(self) -> PointGate:
+        """The gate with POINT written as `simulate` labels it, when POINT is a fault spec of
+        one point (`bitflip:1e-3` -> `bitflip:0.001`); otherwise (a label that is no spec,
+        `all`) unchanged."""
+        if self.point == "all" or self.point.partition(":")[0].strip() == "chip":  # chip:ID is no file to read
+            return self
+        from .faults import parse_fault_spec
+
+        try:
+            models = parse_fault_spec(self.point)
+        except Exception:  # noqa: BLE001 - a convenience: a label that is no spec stays as given
+            return self
+        if len(models) != 1 or models[0].label == self.point:
+            return self
+        return replace(self, point=models[0].label)
+
     @classmethod
     def parse(cls, kind: str, text: str) -> PointGate:
         """`POINT=VALUE` or `POINT=VALUE@ci` (the last '=' splits: labels may hold one)."""
@@ -116,7 +133,7 @@ class PointGate:
             raise InputError(f"--{kind} {text}: {value!r} is not a number (POINT={what}[@ci], e.g. {example})") from None
         if not 0.0 <= threshold <= 1.0:
             raise InputError(f"--{kind} {text}: {what} must be in [0, 1] (a fraction, not a percentage)")
-        return cls(kind, point, threshold, statistic)
+        return cls(kind, point, threshold, statistic).canonical()
 
 
 def check_point_gates(gates: Sequence[PointGate], labels: Sequence[str]) -> None:

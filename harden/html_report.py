@@ -580,7 +580,7 @@ footer{margin-top:40px;color:var(--muted);font-size:12px;border-top:1px solid va
 _KNOWN = {
     "apply": {"schema", "harden_version", "command", "inputs", "options", "passes", "results", "output", "seconds"},
     "simulate": {"schema", "harden_version", "command", "inputs", "model", "options", "points", "clean", "trial", "seconds",
-                 "per_layer", "per_layer_fault", "diagnostics", "activation_faults"},
+                 "per_layer", "per_layer_fault", "diagnostics", "activation_faults", "gates"},
 }
 _KNOWN_RESULTS = {"reference", "reference_model", "samples", "accuracy", "recovery", "resilience"}
 
@@ -837,9 +837,15 @@ def _simulate_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
     points = [p for p in rep["points"] if isinstance(p, dict)]
     measured = [p for p in points if isinstance(p.get("accuracy"), dict) and p["accuracy"].get("mean") is not None]
 
+    is_float = model.get("precision") == "float"
     cards = [("fault-free accuracy", _pct(clean.get("accuracy")), ""),
+             ("float32 weights", _fmt(model.get("float_weights")), "") if is_float else
              ("int8 weights", _fmt(model.get("int8_weights")), ""),
              ("fault points", str(len(points)), "")]
+    gates = [g for g in rep.get("gates") or [] if isinstance(g, dict)]
+    if gates:
+        failed = sum(not g.get("passed") for g in gates)
+        cards.append(("gates", f"{len(gates) - failed} / {len(gates)} passed", "bad" if failed else ""))
     if measured:
         worst = min(measured, key=lambda p: p["accuracy"]["mean"])
         cards.append((f"worst point ({_trunc(worst['label'], 30)})", _pct(worst["accuracy"]["mean"]), "bad"))
@@ -849,7 +855,9 @@ def _simulate_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
 
     parts = [_inputs_table({k: v for k, v in inputs.items() if isinstance(v, dict)})]
     facts = []
-    if model:
+    if model and is_float:
+        facts += [("float32 weights", f"{model.get('float_weights')} in {model.get('float_weight_tensors')} tensors")]
+    elif model:
         facts += [("int8 weights", f"{model.get('int8_weights')} in {model.get('int8_tensors')} tensors"),
                   ("int32 biases", f"{model.get('int32_biases')} in {model.get('int32_bias_tensors')} tensors")]
     facts += [("fault-free accuracy", f"{_pct(clean.get('accuracy'))} ({clean.get('reference')})"),
@@ -904,6 +912,14 @@ def _simulate_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
                           else "–", _fault_text(p.get("fault"))] for p in points])
         body.append(_section("points", "Every point", _table(head, rows, num=range(2, 12), cls="wide"),
                              _p(notes, "note"), _H("<h3>Fault models</h3>"), faults))
+    if gates:
+        nav.append(("gates", "gates"))
+        rows = [[("pass" if g.get("passed") else _H("<b>FAIL</b>")), _label(g.get("point")), g.get("index"),
+                 f"--{g.get('kind')}", "mean" if g.get("statistic") == "mean" else "interval's lower bound",
+                 _fmt(g.get("threshold")), "–" if g.get("value") is None else _fmt(g["value"])] for g in gates]
+        body.append(_section("gates", "Gates", _table(["result", "point", "#", "gate", "figure", "threshold", "value"], rows,
+                                                      num=[2, 5, 6]),
+                             _p("min-accuracy reads the point's accuracy, max-drop the fault-free accuracy minus it.", "note")))
     trial = rep.get("trial")
     if isinstance(trial, dict):
         nav.append(("trial", "trial"))

@@ -249,6 +249,9 @@ def apply(
             raise InputError(f"--report {report_path} is the same path as the output model")
         check_outputs([out_path, *([report_path] if report_path is not None else []), *(extra_outputs or {})], inputs)
     points = [m for spec in opts.faults for m in parse_fault_spec(spec)] if opts.trials > 0 else []
+    if any(getattr(p, "precision", "int8") != "int8" for p in points):
+        raise InputError("apply's campaign runs on the int8 models it builds: use int8 fault models "
+                         "(bitflip, bitflip-bias, stuckat, bitflip-act); simulate the float model for bitflip-fp32")
     say("load")
     model, calib, evald = load_inputs(model_path, data_path, eval_data_path)
     train = load_npz(opts.train_data, model, role="training data") if opts.train_data else None

@@ -408,6 +408,24 @@ BAD = {
     "rho-without-diagnostics": (["--fault", "bitflip:1e-3", "--rho", "0.1"], "give --diagnostics too"),
     "rho-0": (["--diagnostics", "--rho", "0"], r"--rho must be in \(0, 10\)"),
     "act-rate-above-1": (["--fault", "bitflip-act:2"], r"outside \[0, 1\]"),
+    # precision: int8 fault models need an int8 QDQ model, bitflip-fp32 a float one
+    "fp32-on-int8": (["--fault", "bitflip-fp32:1e-6"], "bitflip-fp32:1e-06 flips bits of float32 weights, but this is an int8 QDQ model"),
+    "float-with-chip": (["--model", "{float}", "--fault", "bitflip-fp32:1e-6", "--faultmap", "{tmp}/none.bin"],
+                        "chip:none.*is an int8 fault model.*use bitflip-fp32"),
+    "float-with-act": (["--model", "{float}", "--fault", "bitflip-act:1e-3"], "bitflip-act:0.001 is an int8 fault model"),
+    "float-per-layer-int8": (["--model", "{float}", "--per-layer", "stuckat:0.01"], "--per-layer stuckat:0.01 is an int8 fault model"),
+    "float-diagnostics": (["--model", "{float}", "--fault", "bitflip-fp32:1e-6", "--diagnostics"],
+                          "--diagnostics takes an int8 QDQ model"),
+    "fp32-rate-bad": (["--model", "{float}", "--fault", "bitflip-fp32:1e-6,x"], "not a number"),
+    # gates at named points
+    "gate-unknown-point": (["--fault", "bitflip:1e-3", "--min-accuracy", "bitflip:0.01=0.9"],
+                           r"no point is labelled 'bitflip:0.01' \(points: bitflip:0.001; or 'all'\)"),
+    "gate-no-equals": (["--fault", "bitflip:1e-3", "--max-drop", "0.05"], r"--max-drop takes POINT=DROP\[@ci\]"),
+    "gate-percent": (["--fault", "bitflip:1e-3", "--min-accuracy", "all=95"], r"must be in \[0, 1\]"),
+    "gate-not-a-number": (["--fault", "bitflip:1e-3", "--min-accuracy", "all=high@ci"], "'high' is not a number"),
+    "gate-all-no-points": (["--per-layer", "bitflip:1e-3", "--min-accuracy", "all=0.5"], "no --fault / --faultmap points"),
+    "gate-show-trial": (["--fault", "bitflip:1e-3", "--min-accuracy", "all=0.5", "--show-trial", "0:0"],
+                        "do not apply to --show-trial"),
 }
 
 
@@ -415,6 +433,7 @@ BAD = {
 def test_bad_input_exits_2_with_one_line(case, int8_plain, plain_cnn, digits_test_npz, tmp_path):
     args, fragment = BAD[case]
     (tmp_path / "bad.bin").write_bytes(b"NOPE" + bytes(40))
+    write_faultmap(generate_uniform(100, 0.0, 0, {"chip_id": "none"}), tmp_path / "none.bin")
     zoo.write_npz(tmp_path / "wrong.npz", np.zeros((4, 1, 9, 9), np.float32))
     subst = {"{tmp}": str(tmp_path), "{float}": str(plain_cnn), "{data}": str(digits_test_npz)}
 
@@ -651,3 +670,198 @@ def test_cli_per_layer_and_diagnostics(int8_plain, digits_test_npz):
         assert text in table.stdout
     only = CliRunner().invoke(main, ["simulate", str(int8_plain), "--data", str(digits_test_npz), "--diagnostics", "--json"])
     assert only.exit_code == 0 and json.loads(only.stdout)["diagnostics"]["sharpness"]["rho"] == 0.05
+
+
+# --- bit flips in the float32 weights of a float model (bitflip-fp32) -------------------------
+
+
+def _u32(values: dict[str, np.ndarray], name: str) -> np.ndarray:
+    return np.ascontiguousarray(values[name], np.float32).reshape(-1).view(np.uint32)
+
+
+def test_fp32_rate_zero_reproduces_the_clean_predictions(plain_cnn, digits_test_npz):
+    from harden.data import top1
+
+    c = _campaign(plain_cnn, digits_test_npz, ["bitflip-fp32:0"], seed=3)
+    assert c.precision == "float" and c.kind_of(c.points[0]) == "fp32"
+    ev, base = c.session("fp32")
+    # The session with the weights as graph inputs predicts what the float model itself does.
+    model = onnx.load(str(plain_cnn))
+    ref = session(model).run(None, {"input": c.data.inputs["input"]})[0]
+    assert np.array_equal(ev.clean, top1(ref)) and np.array_equal(ev.clean, c.clean_pred)
+    np.testing.assert_allclose(ev.clean_logits, ref, rtol=1e-5, atol=1e-5)
+    consumers = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert [t.name for t in ev.space.weights] == consumers  # every weight, in order of first consumer
+    assert all(t.dtype == np.float32 and t.bits == 32 for t in ev.space.weights)
+    res = c.run_point(0, CampaignOptions(trials=5, seed=3))
+    assert np.all(res.faulty_cells == 0) and np.all(res.sdc1_events == 0)
+    assert np.all(res.accuracy == c.clean_accuracy)
+    assert np.array_equal(c.session("fp32")[0].predictions(c.injection(0, 4)), c.clean_pred)
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_fp32_flips_lower_accuracy_with_the_rate(request, kind, digits_test_npz):
+    model = request.getfixturevalue(f"{kind}_cnn")
+    rates = (1e-5, 1e-4, 1e-3)
+    rep = simulate(model, digits_test_npz, ["bitflip-fp32:0," + ",".join(f"{r:g}" for r in rates)],
+                   options=CampaignOptions(trials=20, seed=1)).report
+    assert rep["model"]["precision"] == "float" and rep["model"]["int8_weights"] == 0
+    f = rep["fp32"]
+    assert f["clean"]["predictions_identical"] and f["clean"]["accuracy"] == rep["clean"]["accuracy"] > 0.95
+    assert f["prepared"] is False and f["weights"] == rep["model"]["float_weights"] and f["bits"] == 32 * f["weights"]
+    acc = [p["accuracy"]["mean"] for p in rep["points"]]
+    sdc = [p["sdc1"]["mean"] for p in rep["points"]]
+    assert acc[0] == rep["clean"]["accuracy"] and sdc[0] == 0.0
+    assert acc[0] >= acc[1] > acc[2] > acc[3] and acc[3] < 0.5, acc
+    assert sdc[1] < sdc[2] < sdc[3], sdc
+    for p, r in zip(rep["points"][1:], rates):
+        assert p["session"] == "fp32" and p["label"] == f"bitflip-fp32:{r:g}"
+        n = f["bits"] * r
+        assert abs(p["faulty_cells"]["mean"] - n) < 5 * math.sqrt(n / p["trials"])
+        assert 0.0 <= p["nan_outputs"]["mean"] <= p["nan_outputs"]["max"] <= 1.0
+    # NaN logits count as wrong: a trial's accuracy is at most 1 - its NaN fraction.
+    c = _campaign(model, digits_test_npz, ["bitflip-fp32:1e-2"], seed=1)
+    r = c.run_trial(0, 0)
+    assert r.nan_outputs > 0 and r.accuracy <= 1 - r.nan_outputs / len(c.data)
+
+
+def test_nan_logits_are_a_class_of_their_own():
+    from harden.data import NAN_CLASS, top1
+
+    logits = np.array([[0.0, 2.0, 1.0], [np.nan, 5.0, 1.0], [1.0, np.inf, 2.0], [-np.inf] * 3, [np.inf, np.nan, 0.0]],
+                      np.float32)
+    assert top1(logits).tolist() == [1, NAN_CLASS, 1, 0, NAN_CLASS]
+    assert top1(np.array([[1, 3], [2, 0]], np.int32)).tolist() == [1, 0]
+
+
+def test_fp32_trials_are_deterministic_and_flip_exactly_the_listed_bits(residual_cnn, digits_test_npz):
+    c = _campaign(residual_cnn, digits_test_npz, ["bitflip-fp32:1e-5", "bitflip-fp32:1e-4"], seed=4)
+    opts = CampaignOptions(trials=6, seed=4)
+    a = [c.run_point(p, opts) for p in (0, 1)]
+    again = _campaign(residual_cnn, digits_test_npz, ["bitflip-fp32:1e-5", "bitflip-fp32:1e-4"], seed=4)
+    b = [again.run_point(p, opts) for p in (1, 0)][::-1]  # another campaign, other order
+    for x, y in zip(a, b):
+        assert np.array_equal(x.accuracy, y.accuracy) and np.array_equal(x.faulty_cells, y.faulty_cells)
+        assert np.array_equal(x.sdc1_events, y.sdc1_events)
+    other = _campaign(residual_cnn, digits_test_npz, ["bitflip-fp32:1e-4"], seed=5)
+    assert other.describe_trial(0, 0) != c.describe_trial(1, 0)
+
+    ev = c.session("fp32")[0]
+    model = onnx.load(str(residual_cnn))
+    for trial in range(6):
+        faults = c.describe_trial(1, trial)
+        assert len(faults) == a[1].faulty_cells[trial] and all(f.kind == "flip" and f.changes for f in faults)
+        assert faults == describe_trial(model, "bitflip-fp32:1e-4", 4, 1, trial)  # from the model file alone
+        listed = {(f.tensor, f.index, f.bit) for f in faults}
+        assert len(listed) == len(faults)
+        faulty = c.injection(1, trial).apply(ev.values)
+        changed = set()
+        for name in ev.values:
+            diff = _u32(ev.values, name) ^ _u32(faulty, name)
+            for i in np.flatnonzero(diff):
+                changed |= {(name, int(i), int(bit)) for bit in range(32) if (int(diff[i]) >> bit) & 1}
+        assert changed == listed
+    # The weights fed to the session are the model's own, and a trial without exponent flips
+    # predicts what the model rebuilt with the faulty weights predicts.
+    for name, v in ev.values.items():
+        assert np.array_equal(v, numpy_helper_to_array(model, name))
+    trial = next(t for t in range(50) if c.describe_trial(0, t) and all(f.bit < 23 for f in c.describe_trial(0, t)))
+    faulty = c.injection(0, trial).apply(ev.values)
+    for name, v in faulty.items():
+        set_initializer(model, name, v)
+    rebuilt = session(model).run(None, {"input": c.data.inputs["input"]})[0]
+    np.testing.assert_allclose(ev.logits(faulty), rebuilt, rtol=1e-4, atol=1e-4)
+
+
+def numpy_helper_to_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def test_fp32_on_the_cli_per_layer_and_show_trial(plain_cnn, digits_test_npz):
+    argv = ["simulate", str(plain_cnn), "--data", str(digits_test_npz), "--fault", "bitflip-fp32:1e-4", "--trials", "4",
+            "--per-layer", "bitflip-fp32:1e-3"]
+    r = CliRunner().invoke(main, argv + ["--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    j = json.loads(r.stdout)
+    assert [p["label"] for p in j["points"]] == ["bitflip-fp32:0.0001"]
+    assert len(j["per_layer"]) == j["fp32"]["tensors"] and {e["op"] for e in j["per_layer"]} == {"Conv", "Gemm"}
+    table = CliRunner().invoke(main, argv)
+    assert table.exit_code == 0 and "float model:" in table.stdout and "NaN" in table.stdout
+    t = CliRunner().invoke(main, argv[:6] + ["--show-trial", "0:1", "--json"])
+    assert t.exit_code == 0
+    rec = json.loads(t.stdout)["trial"]
+    assert len(rec["faults"]) == rec["faulty_cells"] > 0 and all(0 <= f["bit"] < 32 for f in rec["faults"])
+
+
+# --- gates at named fault points --------------------------------------------------------------
+
+
+def test_gates_at_named_points(int8_plain, digits_test_npz, tmp_path):
+    chip = tmp_path / "chip.bin"
+    write_faultmap(generate_uniform(WeightSpace.from_model(onnx.load(str(int8_plain))).weight_count, 0.02, 1), chip)
+    base = ["simulate", str(int8_plain), "--data", str(digits_test_npz), "--fault", "bitflip:1e-3,3e-2",
+            "--faultmap", str(chip), "--trials", "10", "--seed", "2"]
+    free = CliRunner().invoke(main, base + ["--json"])
+    assert free.exit_code == 0 and "gates" not in json.loads(free.stdout)
+    rep = json.loads(free.stdout)
+    pts = {p["label"]: p for p in rep["points"]}
+    clean = rep["clean"]["accuracy"]
+    hi = pts["bitflip:0.03"]["accuracy"]
+    lo_ci = hi["mean"] - hi["half_width"]
+
+    # Passing gates: exit 0, every gate in the report, 'all' expands to every point.
+    ok = ["--min-accuracy", "bitflip:0.001=0.5", "--min-accuracy", "chip:sim-1=0.1@ci", "--max-drop", "all=0.99",
+          "--min-accuracy", f"bitflip:3e-2={lo_ci - 0.001:.6f}@ci"]
+    out = tmp_path / "ok.json"
+    r = CliRunner().invoke(main, base + ok + ["--report", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "gates: 6 passed, 0 failed" in r.stdout
+    gates = json.loads(out.read_text())["gates"]
+    assert [(g["point"], g["kind"], g["statistic"]) for g in gates] == [  # --min-accuracy ones first, as given
+        ("bitflip:0.001", "min-accuracy", "mean"), ("chip:sim-1", "min-accuracy", "ci"),
+        ("bitflip:0.03", "min-accuracy", "ci"),  # 3e-2 is read as the label it gives
+        ("bitflip:0.001", "max-drop", "mean"), ("bitflip:0.03", "max-drop", "mean"), ("chip:sim-1", "max-drop", "mean"),
+    ]
+    by = {(g["point"], g["kind"], g["statistic"]): g for g in gates}
+    assert by[("bitflip:0.001", "min-accuracy", "mean")]["value"] == pts["bitflip:0.001"]["accuracy"]["mean"]
+    assert by[("chip:sim-1", "min-accuracy", "ci")]["value"] == pts["chip:sim-1"]["accuracy"]["mean"]  # exact: 1 trial
+    assert math.isclose(by[("bitflip:0.03", "min-accuracy", "ci")]["value"], lo_ci, abs_tol=1e-6)
+    assert math.isclose(by[("bitflip:0.03", "max-drop", "mean")]["value"], clean - hi["mean"], abs_tol=1e-6)
+    assert all(g["passed"] and g["message"] is None and {"point", "kind", "threshold", "value", "passed"} <= set(g)
+               for g in gates)
+
+    # A failed gate: exit 1, one error line naming the point, its figure and the threshold; the
+    # report and the page are written first, and --json still prints the report.
+    bad = ["--max-drop", "bitflip:0.03=0.0001", "--min-accuracy", "bitflip:0.001=0.5"]
+    out, html = tmp_path / "bad.json", tmp_path / "bad.html"
+    pytest.importorskip("matplotlib")
+    r = CliRunner().invoke(main, base + bad + ["--report", str(out), "--html", str(html), "--json"])
+    assert r.exit_code == 1, (r.output, r.exception)
+    lines = r.stderr.splitlines()
+    assert lines == [f"error: gate failed: point bitflip:0.03 (#1): mean accuracy {hi['mean']:.4f} is "
+                     f"{clean - hi['mean']:.4f} below fault-free {clean:.4f} (--max-drop bitflip:0.03=0.0001)"]
+    j = json.loads(r.stdout)
+    assert j == json.loads(out.read_text()) and "Gates" in html.read_text()
+    assert [(g["kind"], g["passed"]) for g in j["gates"]] == [("min-accuracy", True), ("max-drop", False)]
+    assert j["gates"][1]["value"] == round(clean - hi["mean"], 6) and j["gates"][1]["threshold"] == 0.0001
+    # Several failures: still one line, with the count of the others.
+    r = CliRunner().invoke(main, base + ["--min-accuracy", "all=1", "-q"])
+    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith("error: gate failed: point bitflip:0.001 (#0): mean accuracy") and "(and 2 more failed gates)" in r.stderr
+
+
+def test_gates_on_a_float_model_and_from_python(residual_cnn, digits_test_npz):
+    from harden.gates import PointGate, failure_line
+
+    gates = [PointGate.parse("min-accuracy", "bitflip-fp32:1e-5=0.5"), PointGate("max-drop", "all", 0.001, "ci")]
+    assert gates[0].point == "bitflip-fp32:1e-05"  # a one-point spec is read as the label it gives
+    rep = simulate(residual_cnn, digits_test_npz, ["bitflip-fp32:0,1e-5"], options=CampaignOptions(trials=8),
+                   gates=gates).report
+    g = rep["gates"]
+    assert [(x["point"], x["passed"]) for x in g][:2] == [("bitflip-fp32:1e-05", True), ("bitflip-fp32:0", True)]
+    assert g[2]["point"] == "bitflip-fp32:1e-05" and g[2]["value"] > 0.001 and not g[2]["passed"]
+    assert failure_line(g).startswith("gate failed: point bitflip-fp32:1e-05 (#1): lower 95% bound of the accuracy")
+    with pytest.raises(InputError, match="no point is labelled"):
+        simulate(residual_cnn, digits_test_npz, ["bitflip-fp32:0"], gates=[PointGate("min-accuracy", "bitflip:0.001", 0.5)])

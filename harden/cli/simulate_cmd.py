@@ -1,4 +1,5 @@
-"""`harden simulate`: fault-injection campaigns on an int8 QDQ model, in onnxruntime."""
+"""`harden simulate`: fault-injection campaigns on an int8 QDQ model (or a float model with
+float32 weight faults), in onnxruntime, with optional gates at named fault points."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import click
 
 from ..campaign import CampaignOptions, simulate
-from ..errors import InputError
+from ..errors import GateFailed, InputError
+from ..gates import PointGate, failure_line
 from ..report import to_json
 from . import main
 from ._common import quiet_option, show_progress
@@ -36,7 +38,8 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Fault model and its points, repeatable: bitflip:RATE,... (int8 weights), bitflip-bias:RATE,... "
                    "(int32 biases), stuckat:RATE,... (random stuck-at cells), chip:MAP, bitflip-act:RATE,... "
-                   "(quantized activations, per sample).")
+                   "(quantized activations, per sample), variability:SIGMA_CHIP[,SIGMA_CELL] (analog); on a FLOAT model: "
+                   "bitflip-fp32:RATE,... (bit flips in its float32 weights).")
 @click.option("--faultmap", "faultmaps", multiple=True, type=click.Path(dir_okay=False), metavar="CHIP",
               help="A chip's fault map (HFM1 or CSV) as one more point; repeatable. Same as --fault chip:CHIP.")
 @click.option("--trials", type=int, default=None, help="Trials per point [default: 100; with --margin, Leveugle's n for it]; the cap when --margin is given.")
@@ -51,14 +54,21 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
                    "under random relative weight perturbations of size --rho).")
 @click.option("--rho", type=float, default=None, help="Relative perturbation size of the sharpness diagnostic [default: 0.05].")
 @click.option("--show-trial", "show_trial", metavar="POINT:TRIAL", help="Run only that trial and list its exact faults (tensor, index, bit).")
+@click.option("--min-accuracy", "min_accuracy", multiple=True, metavar="POINT=ACC[@ci]",
+              help="Gate, repeatable: exit 1 if the mean accuracy at point POINT (a label as printed, e.g. bitflip:0.001, "
+                   "or 'all') is below ACC; ACC@ci gates the lower bound of its interval at --confidence instead.")
+@click.option("--max-drop", "max_drop", multiple=True, metavar="POINT=DROP[@ci]",
+              help="Gate, repeatable: exit 1 if the mean accuracy at POINT (or 'all') is more than DROP below the "
+                   "fault-free accuracy; DROP@ci uses the interval's lower bound.")
 @click.option("--report", "report", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
 @click.option("--html", "html", type=click.Path(dir_okay=False),
               help="Also write the report as a self-contained HTML page here (needs harden[report]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
 @quiet_option
 def simulate_command(model, data, faults, faultmaps, trials, margin, confidence, seed, per_layer, diagnostics, rho,
-                     show_trial, report, html, as_json, quiet):
-    """Fault-injection campaign on an int8 QDQ MODEL, measured with onnxruntime.
+                     show_trial, min_accuracy, max_drop, report, html, as_json, quiet):
+    """Fault-injection campaign on an int8 QDQ MODEL (or a float MODEL under bitflip-fp32),
+    measured with onnxruntime.
 
     Every point (one fault model at one rate, or one chip) runs --trials trials; trial T of
     point P draws its faults from rng([seed, P, T]) alone, so --show-trial P:T re-derives it.
@@ -72,10 +82,18 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
     the quantized activations of every inference, on a rewritten session (opset 18,
     BitwiseXor between each activation QuantizeLinear and its DequantizeLinear).
 
-    MODEL must already be int8 QDQ; a float model is refused (exit 2), since quantizing it
-    here would need calibration data and choices that belong to apply. harden apply writes
-    int8 QDQ models: the hardened model for a chip, or, given a fault-free map
-    (harden faultmap generate --for-model MODEL --rate 0 -o none.bin), the plain int8 model.
+    The int8 fault models need an int8 QDQ MODEL; a float model is refused for them (exit 2),
+    since quantizing it here would need calibration data and choices that belong to apply.
+    harden apply writes int8 QDQ models: the hardened model for a chip, or, given a fault-free
+    map (harden faultmap generate --for-model MODEL --rate 0 -o none.bin), the plain int8 model.
+    A float MODEL takes bitflip-fp32:RATE,... only: each bit of its float32 Conv/Gemm/MatMul
+    weights flips with probability RATE (inputs whose logits turn NaN count as wrong).
+
+    Gates (for CI): --min-accuracy POINT=ACC and --max-drop POINT=DROP, repeatable, read the
+    mean accuracy of the point labelled POINT (or of every point with 'all'); add @ci to read
+    the lower bound of its interval instead. A gate naming no point is exit 2 before any
+    trial runs; a failed gate is exit 1 after the report is written, and the JSON report
+    lists every gate under "gates".
 
     \b
     Examples:
@@ -85,12 +103,19 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
       harden simulate model.int8.onnx --data test.npz --fault bitflip:1e-3 --show-trial 0:17
       harden simulate model.int8.onnx --data test.npz --per-layer bitflip:1e-2 --trials 50 --diagnostics
       harden simulate model.int8.onnx --data test.npz --fault bitflip-act:1e-4,1e-3
+      harden simulate model.int8.onnx --data test.npz --fault bitflip:1e-3,1e-2 --faultmap chip.bin \\
+          --min-accuracy bitflip:0.001=0.95 --min-accuracy chip:sample-chip-0042=0.9@ci \\
+          --max-drop all=0.3 --report campaign.json
+      harden simulate model.onnx --data test.npz --fault bitflip-fp32:1e-6,1e-5,1e-4 --trials 100
     """
     opts = CampaignOptions(trials=trials, margin=margin, confidence=confidence, seed=seed)
     opts.validate()
     if rho is not None and not diagnostics:
         raise InputError("--rho sets the sharpness diagnostic; give --diagnostics too")
     trial = _show_trial(show_trial)
+    gates = [PointGate.parse("min-accuracy", g) for g in min_accuracy] + [PointGate.parse("max-drop", g) for g in max_drop]
+    if gates and trial is not None:
+        raise InputError("--min-accuracy / --max-drop gate a campaign's points; they do not apply to --show-trial")
     if report is not None:
         from ..fileio import check_output_path
 
@@ -118,7 +143,7 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
     try:
         result = simulate(model, data, faults, faultmaps, opts, per_layer=per_layer, diagnostics=diagnostics,
                           rho=0.05 if rho is None else rho,
-                          progress=progress, on_start=on_start, show_trial=trial)
+                          progress=progress, on_start=on_start, show_trial=trial, gates=gates)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -135,6 +160,9 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
         sys.stdout.write(to_json(result.report))
     elif not quiet:
         click.echo(trial_table(result.report) if trial is not None else campaign_table(result.report))
+    failed = failure_line(result.report.get("gates") or [])
+    if failed:
+        raise GateFailed(failed)
 
 
 def _pct(v: float | None) -> str:
@@ -148,9 +176,13 @@ def _ci(ci: list | None) -> str:
 def _head(rep: dict) -> list[str]:
     m, c = rep["model"], rep["clean"]
     scored = "labels" if c["reference"] == "labels" else "top-1 agreement with the fault-free model"
+    if m.get("precision") == "float":
+        what = f"float model: {m['float_weights']} float32 weights in {m['float_weight_tensors']} tensors"
+    else:
+        what = (f"int8 model: {m['int8_weights']} weights in {m['int8_tensors']} tensors, "
+                f"{m['int32_biases']} int32 biases in {m['int32_bias_tensors']} tensors")
     return [
-        f"int8 model: {m['int8_weights']} weights in {m['int8_tensors']} tensors, "
-        f"{m['int32_biases']} int32 biases in {m['int32_bias_tensors']} tensors",
+        what,
         f"fault-free: accuracy {_pct(c['accuracy']).strip()} on {c['samples']} samples ({scored}); "
         f"{c['correct']} correct",
     ]
@@ -180,12 +212,30 @@ def campaign_table(rep: dict) -> str:
         same = "identical to" if c["logits_identical"] else ("same top-1 as" if c["predictions_identical"] else "DIFFERENT from")
         lines.append(f"activation faults: {len(act['sites'])} quantized tensors, {act['bits_per_sample']} bits per sample; "
                      f"clean outputs of the rewritten session {same} the weight session's")
+    if any("nan_outputs" in p for p in rep["points"]):
+        nan = ", ".join(f"{p['label']} {100 * p['nan_outputs']['mean']:.2f}%" for p in rep["points"] if "nan_outputs" in p)
+        lines.append(f"inputs with a NaN logit (counted wrong): {nan}")
+    if rep.get("gates"):
+        lines += gates_table(rep["gates"])
     if rep.get("per_layer") is not None:
         lines += per_layer_table(rep)
     if rep.get("diagnostics"):
         lines += diagnostics_table(rep["diagnostics"])
     lines.append(f"{rep['seconds']:.2f}s; list the faults of any trial with --show-trial POINT:TRIAL")
     return "\n".join(lines)
+
+
+def gates_table(gates: list[dict]) -> list[str]:
+    bad = sum(not g["passed"] for g in gates)
+    lines = [f"gates: {len(gates) - bad} passed, {bad} failed"]
+    for g in gates:
+        fig = "mean accuracy" if g["statistic"] == "mean" else "accuracy interval's lower bound"
+        if g["kind"] == "max-drop":
+            fig = "drop of the " + fig
+        value = "n/a" if g["value"] is None else f"{100 * g['value']:.2f}%"
+        limit = f"{g['threshold']:g}" + ("@ci" if g["statistic"] == "ci" else "")
+        lines.append(f"  {'pass' if g['passed'] else 'FAIL'}  {g['point']} (#{g['index']}) --{g['kind']} {limit}: {fig} {value}")
+    return lines
 
 
 def per_layer_table(rep: dict) -> list[str]:
@@ -254,4 +304,4 @@ def trial_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["campaign_table", "diagnostics_table", "per_layer_table", "simulate_command", "trial_table"]
+__all__ = ["campaign_table", "diagnostics_table", "gates_table", "per_layer_table", "simulate_command", "trial_table"]

@@ -207,4 +207,4 @@ class FloatWeightEvaluator:
         }
 
 
-__all__ = ["FP32BitFlip", "FP32BitFlipParams", "FP32_KIND", "FloatWeightEvaluator", "float_space", "fp32_model"]
+__all__ = ["FP32_KIND", "FP32BitFlip", "FP32BitFlipParams", "FloatWeightEvaluator", "float_space", "fp32_model"]
