@@ -24,8 +24,8 @@ def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSe
         raise InputError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0][:200]}") from None
 
 
-def batch_size_for(model: onnx.ModelProto, preferred: int = 64) -> int:
-    """The batch size to feed: the model's fixed batch dimension, else `preferred`."""
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch dimension of the model's first real input, None when it is symbolic."""
     inits = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits:
@@ -33,7 +33,13 @@ def batch_size_for(model: onnx.ModelProto, preferred: int = 64) -> int:
         dims = vi.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
             return int(dims[0].dim_value)
-    return preferred
+        return None
+    return None
+
+
+def batch_size_for(model: onnx.ModelProto, preferred: int = 64) -> int:
+    """The batch size to feed: the model's fixed batch dimension, else `preferred`."""
+    return fixed_batch(model) or preferred
 
 
 def run_batched(

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from ..data import Dataset
 from ..errors import InputError
 from ..model import WEIGHT_OPS, float_weight_names, initializer_map, qdq_weights
-from ..runtime import batch_size_for
+from ..runtime import batch_size_for, fixed_batch
 from . import PassContext, PassResult
 
 
@@ -62,7 +62,7 @@ class QuantizePass:
             raise InputError("the model has no Conv, ConvTranspose, Gemm or MatMul weights to quantize")
         name_nodes(model)
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-        reader = _Reader(ctx.calib, batch_size_for(model, 64), _has_fixed_batch(model))
+        reader = _Reader(ctx.calib, batch_size_for(model, 64), fixed_batch(model) is not None)
         logging.getLogger("onnxruntime").setLevel(logging.ERROR)
         root = logging.getLogger()
         level = root.level
@@ -110,11 +110,6 @@ class QuantizePass:
                 "calibration_samples": len(ctx.calib),
             },
         )
-
-
-def _has_fixed_batch(model: onnx.ModelProto) -> bool:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return bool(dims) and dims[0].HasField("dim_value")
 
 
 def _float_weights_by_int8(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:

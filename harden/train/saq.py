@@ -36,6 +36,7 @@ import onnx
 
 from ..data import Dataset
 from ..errors import InputError
+from ..runtime import fixed_batch
 from . import require_torch
 
 torch = require_torch("SAQ fine-tuning (--saq)")
@@ -181,19 +182,6 @@ def _accuracy(module, data: Dataset, target: np.ndarray, batch: int, fixed: int 
     return float(np.mean(predict(module, data, batch, values=values, fixed=fixed) == target))
 
 
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed batch dimension of the model's first real input, if it has one."""
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
-        return None
-    return None
-
-
 def quantized_values(module: OnnxModule, axes: dict[str, int]) -> dict[str, "torch.Tensor"]:
     """The fake-quantized weights (no gradient), to evaluate the module as int8 would compute."""
     with torch.no_grad():
@@ -244,7 +232,7 @@ class torch_threads:
 
 
 def _fine_tune(module, model, train, cfg, val, noise, on_epoch, on_batch) -> FineTuneResult:
-    fixed_batch = _fixed_batch(model)
+    model_batch = fixed_batch(model)
     weights, others = trainable_names(module)
     if not weights:
         raise InputError("fine-tuning needs Conv, Gemm or MatMul weights; the model has none")
@@ -259,8 +247,8 @@ def _fine_tune(module, model, train, cfg, val, noise, on_epoch, on_batch) -> Fin
     gen = torch.Generator().manual_seed(cfg.seed)
     feeds = _feeds_of(train)
     n = len(train)
-    batch = _batch_size(module, feeds, cfg.batch_size, fixed_batch)
-    fixed = fixed_batch if batch == fixed_batch else None  # the graph only runs at its fixed batch
+    batch = _batch_size(module, feeds, cfg.batch_size, model_batch)
+    fixed = model_batch if batch == model_batch else None  # the graph only runs at its fixed batch
     if train.labels is not None:
         labels = torch.from_numpy(train.labels.astype(np.int64))
         label_source = "labels"
