@@ -32,6 +32,12 @@ from collections.abc import Callable, Sequence
 
 from .. import plugins
 from ..errors import InputError
+from .activation import (
+    ActBitFlipParams,
+    ActivationBitFlip,
+    ActivationEvaluator,
+    ActivationSpace,
+)
 from .base import (
     Fault,
     FaultModel,
@@ -42,7 +48,6 @@ from .base import (
     parse_rates,
     sample_positions,
 )
-from .activation import ActBitFlipParams, ActivationBitFlip, ActivationEvaluator, ActivationSpace
 from .bitflip import BitFlip, BitFlipParams
 from .chip import ChipFaults, ChipParams
 from .stuckat import StuckAt, StuckAtParams
@@ -101,6 +106,6 @@ from .variability import Variability  # noqa: E402 (analog PIM, section 4)
 
 register_fault_model("variability", Variability.from_spec)
 
-from .fp32 import FP32BitFlip, FP32BitFlipParams, FloatWeightEvaluator  # noqa: E402 (float models)
+from .fp32 import FloatWeightEvaluator, FP32BitFlip, FP32BitFlipParams  # noqa: E402 (float models)
 
 register_fault_model("bitflip-fp32", FP32BitFlip.from_spec)

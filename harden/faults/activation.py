@@ -23,7 +23,7 @@ tensor. `tensors` restricts the flips to the named sites (QuantizeLinear output 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -32,8 +32,8 @@ from onnx import TensorProto, helper
 from ..data import Dataset, top1
 from ..errors import InputError
 from .base import (
-    describe_params,
     Injection,
+    ParamsFaultModel,
     Tensor,
     TensorFaults,
     check_tensor_names,
@@ -41,7 +41,6 @@ from .base import (
     parse_rates,
     sample_positions,
     select_tensors,
-    tensors_suffix,
 )
 
 #: BitwiseXor appeared in opset 18.
@@ -276,36 +275,19 @@ class ActBitFlipParams:
         object.__setattr__(self, "tensors", check_tensor_names(self.tensors, "bitflip-act"))
 
 
-class ActivationBitFlip:
+class ActivationBitFlip(ParamsFaultModel):
     """Independent transient bit flips in the quantized activations, per sample."""
 
     name = "bitflip-act"
     deterministic = False
     space_kind = "activations"
 
-    def __init__(self, params: ActBitFlipParams):
-        self._params = params
-
     @classmethod
     def from_spec(cls, args: str) -> list[ActivationBitFlip]:
         return [cls(ActBitFlipParams(r)) for r in parse_rates("bitflip-act", args, "1e-5,1e-4")]
 
-    @property
-    def params(self) -> ActBitFlipParams:
-        return self._params
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}:{self._params.rate:g}{tensors_suffix(self._params.tensors)}"
-
-    def describe(self) -> dict:
-        return describe_params(self.name, self._params)
-
     def targets(self, space: ActivationSpace) -> tuple[Tensor, ...]:
         return space.tensors
-
-    def restricted(self, names) -> ActivationBitFlip:
-        return ActivationBitFlip(replace(self._params, tensors=check_tensor_names(names, self.name)))
 
     def check(self, space) -> None:
         if not isinstance(space, ActivationSpace):

@@ -16,7 +16,13 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import onnx
 
-from ..memory import LayoutTensor, MemoryMap, as_layout_tensors, get_layout, linear_layout
+from ..memory import (
+    LayoutTensor,
+    MemoryMap,
+    as_layout_tensors,
+    get_layout,
+    linear_layout,
+)
 
 _UNSIGNED = {
     np.dtype(np.int8): np.dtype(np.uint8),
@@ -380,3 +386,31 @@ def describe_params(name: str, params, **extra) -> dict:
     else:
         d["tensors"] = list(d["tensors"])
     return d
+
+
+class ParamsFaultModel:
+    """Plumbing shared by the fault models whose parameters are a frozen dataclass with a
+    `tensors` restriction: the `params` property, a `NAME:RATE[@tensors]` label, the report
+    record (plus `describe_extra`) and `restricted`. Subclasses set `name` and do the physics."""
+
+    describe_extra: dict = {}
+
+    def __init__(self, params) -> None:
+        self._params = params
+
+    @property
+    def params(self):
+        return self._params
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self._params.rate:g}{tensors_suffix(self._params.tensors)}"
+
+    def describe(self) -> dict:
+        return describe_params(self.name, self._params, **self.describe_extra)
+
+    def restricted(self, names):
+        """The same faults limited to the named tensors."""
+        from dataclasses import replace
+
+        return type(self)(replace(self._params, tensors=check_tensor_names(names, self.name)))

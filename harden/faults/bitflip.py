@@ -11,14 +11,14 @@ tensor of the target draws exactly what the unrestricted model draws, whatever t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
 from .base import (
-    describe_params,
     Injection,
+    ParamsFaultModel,
     Tensor,
     TensorFaults,
     WeightSpace,
@@ -27,7 +27,6 @@ from .base import (
     parse_rates,
     sample_positions,
     select_tensors,
-    tensors_suffix,
 )
 
 
@@ -48,13 +47,13 @@ class BitFlipParams:
         object.__setattr__(self, "tensors", check_tensor_names(self.tensors, "bitflip"))
 
 
-class BitFlip:
+class BitFlip(ParamsFaultModel):
     """Independent transient bit flips at a bit error rate."""
 
     deterministic = False
 
     def __init__(self, params: BitFlipParams):
-        self._params = params
+        super().__init__(params)
         self.name = "bitflip" if params.target == "weight" else "bitflip-bias"
 
     @classmethod
@@ -66,24 +65,9 @@ class BitFlip:
     def bias_from_spec(cls, args: str) -> list[BitFlip]:
         return cls.from_spec(args, "bias")
 
-    @property
-    def params(self) -> BitFlipParams:
-        return self._params
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}:{self._params.rate:g}{tensors_suffix(self._params.tensors)}"
-
-    def describe(self) -> dict:
-        return describe_params(self.name, self._params)
-
     def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
         """Every tensor this model may hit (before any restriction)."""
         return space.of_kind(self._params.target)
-
-    def restricted(self, names) -> BitFlip:
-        """The same flips limited to the named tensors."""
-        return BitFlip(replace(self._params, tensors=check_tensor_names(names, self.name)))
 
     def check(self, space: WeightSpace) -> None:
         if not space.of_kind(self._params.target):

@@ -19,12 +19,12 @@ from ..errors import InputError
 from ..faultmap import CSV_HEADER, FaultMap, read_faultmap
 from ..memory import get_layout
 from .base import (
-    describe_params,
     Injection,
     Tensor,
     TensorFaults,
     WeightSpace,
     check_tensor_names,
+    describe_params,
     select_tensors,
     tensors_suffix,
 )

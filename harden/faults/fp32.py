@@ -33,7 +33,7 @@ lowest index. The report gives, per fp32 point, the fraction of outputs with a N
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -42,16 +42,15 @@ from ..data import Dataset, top1
 from ..errors import InputError
 from .base import (
     Injection,
+    ParamsFaultModel,
     Tensor,
     TensorFaults,
     WeightSpace,
     check_tensor_names,
-    describe_params,
     group_cells,
     parse_rates,
     sample_positions,
     select_tensors,
-    tensors_suffix,
 )
 
 #: The campaign session kind of float32 weight faults (harden.campaign.SESSION_KINDS).
@@ -103,37 +102,21 @@ class FP32BitFlipParams:
         object.__setattr__(self, "tensors", check_tensor_names(self.tensors, "bitflip-fp32"))
 
 
-class FP32BitFlip:
+class FP32BitFlip(ParamsFaultModel):
     """Independent transient bit flips in the float32 weights of a float model."""
 
     name = "bitflip-fp32"
     deterministic = False
     space_kind = FP32_KIND
     precision = "float"  # runs on float models only (the campaign refuses it on an int8 one)
-
-    def __init__(self, params: FP32BitFlipParams):
-        self._params = params
+    describe_extra = {"bits": "float32 (sign 31, exponent 23-30, mantissa 0-22)"}
 
     @classmethod
     def from_spec(cls, args: str) -> list[FP32BitFlip]:
         return [cls(FP32BitFlipParams(r)) for r in parse_rates("bitflip-fp32", args, "1e-6,1e-5")]
 
-    @property
-    def params(self) -> FP32BitFlipParams:
-        return self._params
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}:{self._params.rate:g}{tensors_suffix(self._params.tensors)}"
-
-    def describe(self) -> dict:
-        return describe_params(self.name, self._params, bits="float32 (sign 31, exponent 23-30, mantissa 0-22)")
-
     def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
         return space.weights
-
-    def restricted(self, names) -> FP32BitFlip:
-        return FP32BitFlip(replace(self._params, tensors=check_tensor_names(names, self.name)))
 
     def check(self, space: WeightSpace) -> None:
         if not space.weights:

@@ -10,14 +10,14 @@ differs: with p_sa1 = 1/2, half the faulty cells change a bit on average, whatev
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
 from .base import (
-    describe_params,
     Injection,
+    ParamsFaultModel,
     Tensor,
     TensorFaults,
     WeightSpace,
@@ -26,7 +26,6 @@ from .base import (
     parse_rates,
     sample_positions,
     select_tensors,
-    tensors_suffix,
 )
 
 
@@ -46,35 +45,18 @@ class StuckAtParams:
         object.__setattr__(self, "tensors", check_tensor_names(self.tensors, "stuckat"))
 
 
-class StuckAt:
+class StuckAt(ParamsFaultModel):
     """Random permanent stuck-at cells at a rate, redrawn per trial."""
 
     name = "stuckat"
     deterministic = False
 
-    def __init__(self, params: StuckAtParams):
-        self._params = params
-
     @classmethod
     def from_spec(cls, args: str) -> list[StuckAt]:
         return [cls(StuckAtParams(r)) for r in parse_rates("stuckat", args, "0.01,0.04")]
 
-    @property
-    def params(self) -> StuckAtParams:
-        return self._params
-
-    @property
-    def label(self) -> str:
-        return f"stuckat:{self._params.rate:g}{tensors_suffix(self._params.tensors)}"
-
-    def describe(self) -> dict:
-        return describe_params(self.name, self._params)
-
     def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
         return space.weights
-
-    def restricted(self, names) -> StuckAt:
-        return StuckAt(replace(self._params, tensors=check_tensor_names(names, self.name)))
 
     def check(self, space: WeightSpace) -> None:
         if not space.weights:

@@ -34,7 +34,7 @@ tensor (one chip draw); training code (harden.train.variability) may reuse it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -42,7 +42,14 @@ from onnx import helper
 
 from ..data import Dataset, top1
 from ..errors import InputError
-from .base import Tensor, WeightSpace, check_tensor_names, select_tensors, tensors_suffix, describe_params
+from .base import (
+    ParamsFaultModel,
+    Tensor,
+    WeightSpace,
+    check_tensor_names,
+    select_tensors,
+    tensors_suffix,
+)
 
 #: Largest sigma accepted: exp(+-3 sigma) already spans a factor 400 at sigma = 1.
 MAX_SIGMA = 1.0
@@ -167,15 +174,13 @@ class VariabilityParams:
         object.__setattr__(self, "tensors", check_tensor_names(self.tensors, "variability"))
 
 
-class Variability:
+class Variability(ParamsFaultModel):
     """Multiplicative log-normal weight variability of analog PIM, between-chip and within-chip."""
 
     name = "variability"
     deterministic = False
     space_kind = "analog"
-
-    def __init__(self, params: VariabilityParams):
-        self._params = params
+    describe_extra = {"model": "w * exp(theta_chip + theta_cell)"}
 
     @classmethod
     def from_spec(cls, args: str) -> list[Variability]:
@@ -194,23 +199,12 @@ class Variability:
         return [cls(VariabilityParams(*vals))]
 
     @property
-    def params(self) -> VariabilityParams:
-        return self._params
-
-    @property
     def label(self) -> str:
         p = self._params
         return f"{self.name}:{p.sigma_chip:g},{p.sigma_cell:g}{tensors_suffix(p.tensors)}"
 
-    def describe(self) -> dict:
-        return describe_params(self.name, self._params, model="w * exp(theta_chip + theta_cell)")
-
     def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
         return space.weights
-
-    def restricted(self, names) -> Variability:
-        """The same chips, varying only the named tensors (the others stay nominal)."""
-        return Variability(replace(self._params, tensors=check_tensor_names(names, self.name)))
 
     def check(self, space: WeightSpace) -> None:
         if not getattr(space, "weights", ()):

@@ -38,7 +38,8 @@ from . import require_torch
 torch = require_torch("--clip-train")
 
 from .graph import OnnxModule  # noqa: E402
-from .saq import _batch_size, _feeds_of, _fixed_batch, predict, torch_threads, SMALL_MODEL  # noqa: E402
+from ..runtime import fixed_batch  # noqa: E402
+from .saq import _batch_size, _feeds_of, predict, torch_threads, SMALL_MODEL  # noqa: E402
 
 
 @dataclass
@@ -138,11 +139,11 @@ def _train(module, model, layers, bypass, train, val, cfg, on_layer) -> ProActRe
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = module.output_names[0]
-    fixed_batch = _fixed_batch(model)
+    model_batch = fixed_batch(model)
     feeds = _feeds_of(train)
     n = len(train)
-    batch = _batch_size(module, feeds, cfg.batch_size, fixed_batch)
-    fixed = fixed_batch if batch == fixed_batch else None
+    batch = _batch_size(module, feeds, cfg.batch_size, model_batch)
+    fixed = model_batch if batch == model_batch else None
 
     # teacher: every clip bypassed (the unclipped model); its logits on the training data
     def identity(node, inputs):
