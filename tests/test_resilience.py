@@ -42,3 +42,19 @@ def test_campaign_points_are_validated_before_work(tmp_path, plain_cnn, digits_c
 
     with pytest.raises(InputError, match="unknown fault model"):
         apply(plain_cnn, tmp_path / "missing.bin", digits_calib_npz, write=False, options=ApplyOptions(faults=("nope:1",)))
+
+
+def test_campaign_takes_activation_and_analog_points(tmp_path, plain_cnn, digits_calib_npz, digits_test_npz):
+    """Fault models with their own sessions (activations, analog) run inside apply's campaign."""
+    chip = tmp_path / "chip.bin"
+    write_faultmap(generate_uniform(weight_count(plain_cnn), 0.04, 3), chip)
+    opts = ApplyOptions(trials=3, clip_percentile=100.0, faults=("bitflip-act:1e-3", "variability:0.1,0.02"))
+    report = apply(plain_cnn, chip, digits_calib_npz, write=False, eval_data_path=digits_test_npz, options=opts).report
+    res = report["results"]["resilience"]
+    assert res["points"][1:] == ["bitflip-act:0.001", "variability:0.1,0.02"]
+    for variant in ("int8", "int8+clip", "hardened"):
+        for point in res["points"][1:]:
+            fig = res["figures"][variant][point]
+            assert fig["trials"] == 3 and 0.5 < fig["accuracy"]["mean"] <= 1.0
+    chip_point = res["points"][0]
+    assert res["figures"]["hardened"][chip_point]["accuracy"]["mean"] == report["results"]["accuracy"]["hardened_on_chip"]
