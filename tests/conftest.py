@@ -91,3 +91,34 @@ def tabular_calib_npz(zoo_dir, tabular) -> Path:
 def tabular_test_npz(zoo_dir, tabular) -> Path:
     """140 held-out breast-cancer rows with labels."""
     return zoo.write_npz(zoo_dir / "tabular_test.npz", tabular["x_test"], tabular["y_test"])
+
+
+# --- int8 QDQ versions of the zoo models (what `simulate`, `tune` and the diagnostics take) ---
+
+def quantize_zoo_model(src: Path, calib: Path, out: Path, clip: bool = False) -> Path:
+    """prepare (onnxsim) [+ clip] + onnxruntime QDQ quantization, saved to `out`."""
+    from harden.data import load_npz
+    from harden.model import load_model, save_model
+    from harden.passes import PassContext, run_passes
+    from harden.passes.clip import ClipPass
+    from harden.passes.quantize import QuantizePass
+    from harden.pipeline import prepare
+
+    model = load_model(src)
+    data = load_npz(calib, model)
+    model, _ = prepare(model)
+    qmodel, _ = run_passes(model, ([ClipPass()] if clip else []) + [QuantizePass()], PassContext(calib=data))
+    save_model(qmodel, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_plain(tmp_path_factory, plain_cnn, digits_calib_npz) -> Path:
+    """The plain digits CNN as int8 QDQ (no clip)."""
+    return quantize_zoo_model(plain_cnn, digits_calib_npz, tmp_path_factory.mktemp("int8") / "plain.int8.onnx")
+
+
+@pytest.fixture(scope="session")
+def int8_residual(tmp_path_factory, residual_cnn, digits_calib_npz) -> Path:
+    """The residual digits CNN as int8 QDQ (no clip)."""
+    return quantize_zoo_model(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("int8") / "residual.int8.onnx")

@@ -8,7 +8,6 @@ probe inputs are the first 32 calibration images.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,10 +27,7 @@ from harden.faults.variability import (
     float_values,
     sample_variability,
 )
-from harden.model import get_initializer, get_metadata, load_model, qdq_weights, save_model
-from harden.passes import PassContext, run_passes
-from harden.passes.quantize import QuantizePass
-from harden.pipeline import prepare
+from harden.model import get_initializer, get_metadata, load_model, qdq_weights
 from harden.runtime import session
 from harden.simulate import ChipEvaluator, Reference
 from harden.tune import (
@@ -44,25 +40,6 @@ from harden.tune import (
     simulated_chip,
     tune,
 )
-
-
-def _quantize(src: Path, calib: Path, out: Path) -> Path:
-    model = load_model(src)
-    data = load_npz(calib, model)
-    model, _ = prepare(model)
-    qmodel, _ = run_passes(model, [QuantizePass()], PassContext(calib=data))
-    save_model(qmodel, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def int8_plain(tmp_path_factory, plain_cnn, digits_calib_npz) -> Path:
-    return _quantize(plain_cnn, digits_calib_npz, tmp_path_factory.mktemp("analog") / "plain.int8.onnx")
-
-
-@pytest.fixture(scope="module")
-def int8_residual(tmp_path_factory, residual_cnn, digits_calib_npz) -> Path:
-    return _quantize(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("analog") / "residual.int8.onnx")
 
 
 @pytest.fixture(scope="module")

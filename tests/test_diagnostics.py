@@ -21,37 +21,15 @@ from harden.diagnostics import (
     sparsity_sites,
 )
 from harden.errors import InputError
-from harden.model import load_model, qdq_weights, save_model
-from harden.passes import PassContext, run_passes
-from harden.passes.clip import ClipPass
-from harden.passes.quantize import QuantizePass
-from harden.pipeline import prepare
+from harden.model import qdq_weights
 from harden.simulate import ChipEvaluator, Reference
 
-
-def _quantize(src: Path, calib: Path, out: Path, clip: bool) -> Path:
-    model = load_model(src)
-    data = load_npz(calib, model)
-    model, _ = prepare(model)
-    passes = ([ClipPass()] if clip else []) + [QuantizePass()]
-    qmodel, _ = run_passes(model, passes, PassContext(calib=data))
-    save_model(qmodel, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def int8_plain(tmp_path_factory, plain_cnn, digits_calib_npz) -> Path:
-    return _quantize(plain_cnn, digits_calib_npz, tmp_path_factory.mktemp("diag") / "plain.int8.onnx", False)
-
-
-@pytest.fixture(scope="module")
-def int8_residual(tmp_path_factory, residual_cnn, digits_calib_npz) -> Path:
-    return _quantize(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("diag") / "residual.int8.onnx", False)
+from conftest import quantize_zoo_model
 
 
 @pytest.fixture(scope="module")
 def int8_clipped(tmp_path_factory, residual_cnn, digits_calib_npz) -> Path:
-    return _quantize(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("diag") / "clipped.int8.onnx", True)
+    return quantize_zoo_model(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("diag") / "clipped.int8.onnx", clip=True)
 
 
 def _captured(model_path: Path, x: np.ndarray, names: list[str], elem_types: dict[str, int]) -> dict[str, np.ndarray]:

@@ -26,7 +26,6 @@ from harden.campaign import (
     trial_rng,
 )
 from harden.cli import main
-from harden.data import load_npz
 from harden.errors import InputError
 from harden.faultmap import generate_uniform, write_faultmap
 from harden.faults import (
@@ -40,31 +39,10 @@ from harden.faults import (
     parse_fault_spec,
     register_fault_model,
 )
-from harden.model import load_model, save_model, set_initializer
-from harden.passes import PassContext, run_passes
-from harden.passes.quantize import QuantizePass
-from harden.pipeline import ApplyOptions, apply, prepare
+from harden.model import set_initializer
+from harden.pipeline import ApplyOptions, apply
 from harden.runtime import session
 from harden.stats import leveugle_n, summarize, t_value, wilson
-
-
-def _quantize(src: Path, calib: Path, out: Path) -> Path:
-    model = load_model(src)
-    data = load_npz(calib, model)
-    model, _ = prepare(model)
-    qmodel, _ = run_passes(model, [QuantizePass()], PassContext(calib=data))
-    save_model(qmodel, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def int8_plain(tmp_path_factory, plain_cnn, digits_calib_npz) -> Path:
-    return _quantize(plain_cnn, digits_calib_npz, tmp_path_factory.mktemp("sim") / "plain.int8.onnx")
-
-
-@pytest.fixture(scope="module")
-def int8_residual(tmp_path_factory, residual_cnn, digits_calib_npz) -> Path:
-    return _quantize(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("sim") / "residual.int8.onnx")
 
 
 def _campaign(model: Path, data: Path, specs, seed=0, faultmaps=()) -> Campaign:
