@@ -68,7 +68,7 @@ def _model_kinds():
         ("plain-op14", lambda d: zoo.train_digits_cnn("plain", d, opset=14), "digits"),
         ("plain-op15", lambda d: zoo.train_digits_cnn("plain", d, opset=15), "digits"),
         ("plain-op16", lambda d: zoo.train_digits_cnn("plain", d, opset=16), "digits"),
-        ("plain-with-batchnorm-node", lambda d: _with_batchnorm(zoo.train_digits_cnn("plain", d), d / "plain_bn.onnx"), "digits"),
+        ("plain-with-batchnorm-node", lambda d: zoo.with_batchnorm_node(zoo.train_digits_cnn("plain", d), d / "plain_bn.onnx"), "digits"),
         ("residual-op17", lambda d: zoo.train_digits_cnn("residual", d), "digits"),
         ("residual-op12", lambda d: zoo.train_digits_cnn("residual", d, opset=12), "digits"),
         ("plain-static-batch", lambda d: zoo.train_digits_cnn("plain", d, dynamic_batch=False), "digits"),
@@ -103,29 +103,6 @@ def test_model_kinds(tmp_path, zoo_dir, request, name, build, data):
     out = onnx.load(str(result.output))
     assert next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert sum(w.size for w in qdq_weights(out)) == weight_count(model)
-
-
-def _with_batchnorm(src: Path, dst: Path) -> Path:
-    """Insert an explicit BatchNormalization (non-trivial statistics) after the first Conv."""
-    m = onnx.load(str(src))
-    conv = next(n for n in m.graph.node if n.op_type == "Conv")
-    channels = next(t for t in m.graph.initializer if t.name == conv.input[1]).dims[0]
-    rng = np.random.default_rng(0)
-    stats = {
-        "bn_scale": rng.uniform(0.8, 1.2, channels), "bn_bias": rng.uniform(-0.1, 0.1, channels),
-        "bn_mean": rng.uniform(-0.1, 0.1, channels), "bn_var": rng.uniform(0.8, 1.2, channels),
-    }
-    m.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in stats.items())
-    out = conv.output[0]
-    conv.output[0] = out + "_prebn"
-    bn = onnx.helper.make_node("BatchNormalization", [out + "_prebn", *stats], [out], name="inserted_bn")
-    nodes = list(m.graph.node)
-    nodes.insert(nodes.index(conv) + 1, bn)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(dst))
-    return dst
 
 
 def test_light_model_zoo_graph(tmp_path):

@@ -32,29 +32,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _with_batchnorm(src: Path, dst: Path) -> Path:
-    """An explicit BatchNormalization (non-trivial statistics) after the first Conv."""
-    m = onnx.load(str(src))
-    conv = next(n for n in m.graph.node if n.op_type == "Conv")
-    channels = next(t for t in m.graph.initializer if t.name == conv.input[1]).dims[0]
-    rng = np.random.default_rng(0)
-    stats = {
-        "bn_scale": rng.uniform(0.8, 1.2, channels), "bn_bias": rng.uniform(-0.1, 0.1, channels),
-        "bn_mean": rng.uniform(-0.1, 0.1, channels), "bn_var": rng.uniform(0.8, 1.2, channels),
-    }
-    m.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in stats.items())
-    out = conv.output[0]
-    conv.output[0] = out + "_prebn"
-    bn = helper.make_node("BatchNormalization", [out + "_prebn", *stats], [out], name="inserted_bn")
-    nodes = list(m.graph.node)
-    nodes.insert(nodes.index(conv) + 1, bn)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(dst))
-    return dst
-
-
 def _clipped(src: Path, style: str, calib: np.ndarray) -> onnx.ModelProto:
     model, _ = prepare(onnx.load(str(src)))
     ctx = PassContext(calib=Dataset({model.graph.input[0].name: np.array(calib)}))
@@ -77,7 +54,7 @@ CASES = {
     "plain-static-batch": (lambda d: zoo.train_digits_cnn("plain", d, dynamic_batch=False), _digits),
     "mlp-gemm": (lambda d: zoo.train_tabular_mlp(d), _tabular),
     "mlp-matmul": (lambda d: zoo.train_tabular_mlp(d, use_matmul=True), _tabular),
-    "plain-with-batchnorm-node": (lambda d: _with_batchnorm(zoo.train_digits_cnn("plain", d), d / "train_graph_bn.onnx"), _digits),
+    "plain-with-batchnorm-node": (lambda d: zoo.with_batchnorm_node(zoo.train_digits_cnn("plain", d), d / "train_graph_bn.onnx"), _digits),
     "legacy-initializers-as-inputs": (
         lambda d: zoo.legacy_initializers_as_inputs(zoo.train_digits_cnn("plain", d, opset=11), d / "train_graph_li.onnx"), _digits),
     "legacy-constant-of-shape": (

@@ -624,6 +624,30 @@ LIGHT_MODELS = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "
                 "shufflenet", "squeezenet", "vgg19", "zfnet512")
 
 
+def with_batchnorm_node(src, dst) -> Path:
+    """Insert an explicit BatchNormalization (non-trivial statistics) after the first Conv."""
+    src, dst = Path(src), Path(dst)
+    m = onnx.load(str(src))
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    channels = next(t for t in m.graph.initializer if t.name == conv.input[1]).dims[0]
+    rng = np.random.default_rng(0)
+    stats = {
+        "bn_scale": rng.uniform(0.8, 1.2, channels), "bn_bias": rng.uniform(-0.1, 0.1, channels),
+        "bn_mean": rng.uniform(-0.1, 0.1, channels), "bn_var": rng.uniform(0.8, 1.2, channels),
+    }
+    m.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in stats.items())
+    out = conv.output[0]
+    conv.output[0] = out + "_prebn"
+    bn = onnx.helper.make_node("BatchNormalization", [out + "_prebn", *stats], [out], name="inserted_bn")
+    nodes = list(m.graph.node)
+    nodes.insert(nodes.index(conv) + 1, bn)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+    return dst
+
+
 def light_model_path(name: str) -> Path:
     """onnx's bundled ``backend/test/data/light/light_<name>.onnx``: real model-zoo graphs
     (IR 3, opset 9, input [1, 3, 224, 224], initializers listed as inputs) whose weights are
