@@ -122,3 +122,14 @@ def int8_plain(tmp_path_factory, plain_cnn, digits_calib_npz) -> Path:
 def int8_residual(tmp_path_factory, residual_cnn, digits_calib_npz) -> Path:
     """The residual digits CNN as int8 QDQ (no clip)."""
     return quantize_zoo_model(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("int8") / "residual.int8.onnx")
+
+
+@pytest.fixture()
+def torch_one_thread():
+    """Two shared cores: one torch intra-op thread for the test (OpenMP threads spin against
+    each other). The training tests use it through `pytestmark`."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,13 +23,7 @@ from harden.train.graph import OnnxModule  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one intra-op thread (torch's OpenMP threads spin against each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _clipped(src: Path, style: str, calib: np.ndarray) -> onnx.ModelProto:

@@ -10,7 +10,6 @@ from onnx import numpy_helper
 torch = pytest.importorskip("torch")
 
 import zoo  # noqa: E402
-from harden.data import Dataset  # noqa: E402
 from harden.passes import PassContext  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
 from harden.passes.proact import ProActPass  # noqa: E402
@@ -19,21 +18,14 @@ from harden.train.graph import OnnxModule  # noqa: E402
 from harden.train.proact import ProActConfig, find_clips, train_thresholds  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _ds(d, split):
-    return Dataset({"input": np.array(d[f"x_{split}"])}, np.array(d[f"y_{split}"]))
 
 
 def _clipped(src, d, style="zero"):
     model, _ = prepare(onnx.load(str(src)))
-    ctx = PassContext(calib=_ds(d, "calib"))
+    ctx = PassContext(calib=zoo.digits_dataset(d, "calib"))
     return model, ClipPass(style, 100.0).call(onnx.load_from_string(model.SerializeToString()), ctx).model, ctx
 
 
@@ -55,7 +47,7 @@ def test_find_clips_and_the_teacher_is_the_unclipped_model(residual_cnn, digits,
 def test_thresholds_train_within_tolerance(residual_cnn, digits):
     _, clipped, ctx = _clipped(residual_cnn, digits)
     cfg = ProActConfig(epochs=1)
-    r = train_thresholds(clipped, _ds(digits, "train").take(512), _ds(digits, "calib"), cfg)
+    r = train_thresholds(clipped, zoo.digits_dataset(digits, "train").take(512), zoo.digits_dataset(digits, "calib"), cfg)
     rec = r.record
     assert [l["granularity"] for l in rec["layers"]] == ["element"] + ["layer"] * 4  # last layer first
     assert rec["val_accuracy_end"] >= rec["val_accuracy_start"] - cfg.tolerance - 1e-9
@@ -73,7 +65,7 @@ def test_pass_rescales_quantization_ranges(mlp, tabular):
     _, clipped, ctx = _clipped(mlp, tabular)
     layers, _ = find_clips(clipped)
     before = {k: [dict(o) for o in v] for k, v in ctx.quant_overrides.items()}
-    res = ProActPass(ProActConfig(epochs=1, tolerance=1.0), _ds(tabular, "train")).call(clipped, ctx)
+    res = ProActPass(ProActConfig(epochs=1, tolerance=1.0), zoo.digits_dataset(tabular, "train")).call(clipped, ctx)
     assert res.record["accepted"] == len(layers)
     for layer in layers:
         new_t = numpy_helper.to_array(next(t for t in res.model.graph.initializer if t.name == layer.threshold))
@@ -88,4 +80,4 @@ def test_no_clips_is_a_clear_error(mlp, tabular):
 
     model, _ = prepare(onnx.load(str(mlp)))
     with pytest.raises(InputError, match="clipped ReLUs"):
-        train_thresholds(model, _ds(tabular, "train"), _ds(tabular, "calib"))
+        train_thresholds(model, zoo.digits_dataset(tabular, "train"), zoo.digits_dataset(tabular, "calib"))

@@ -15,7 +15,6 @@ torch = pytest.importorskip("torch")
 import zoo  # noqa: E402
 from harden.campaign import Campaign, CampaignOptions  # noqa: E402
 from harden.cli import main  # noqa: E402
-from harden.data import Dataset  # noqa: E402
 from harden.faults import parse_fault_spec  # noqa: E402
 from harden.model import qdq_weights  # noqa: E402
 from harden.passes import PassContext, run_passes  # noqa: E402
@@ -27,21 +26,14 @@ from harden.train.graph import OnnxModule  # noqa: E402
 from harden.train.saq import SAQConfig, channel_axis, fake_quant, fine_tune  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _ds(d, split, labels=True):
-    return Dataset({"input": np.array(d[f"x_{split}"])}, np.array(d[f"y_{split}"]) if labels else None)
 
 
 def _clipped(src, d):
     model, _ = prepare(onnx.load(str(src)))
-    ctx = PassContext(calib=_ds(d, "calib"))
+    ctx = PassContext(calib=zoo.digits_dataset(d, "calib"))
     return ClipPass().call(model, ctx).model, ctx
 
 
@@ -51,7 +43,7 @@ def test_fake_quant_is_onnxruntimes_int8(request, digits, tabular, kind):
     src = request.getfixturevalue(f"{kind}_cnn" if kind == "residual" else kind)
     d = digits if kind == "residual" else tabular
     model, _ = prepare(onnx.load(str(src)))
-    ctx = PassContext(calib=_ds(d, "calib"))
+    ctx = PassContext(calib=zoo.digits_dataset(d, "calib"))
     q, _ = run_passes(model, [QuantizePass()], ctx)
     module = OnnxModule(model)
     nodes = module.weight_nodes()
@@ -74,11 +66,11 @@ def test_fake_quant_is_onnxruntimes_int8(request, digits, tabular, kind):
 def test_saq_beats_plain_int8_under_weight_bit_flips(residual_cnn, digits):
     """The issue's claim, at the defaults: int8 accuracy under int8 weight bit flips at BER 1e-2
     is higher after SAQ (non-overlapping 95 % intervals, 100 trials) for <= 1 point clean."""
-    test = _ds(digits, "test")
+    test = zoo.digits_dataset(digits, "test")
     results = {}
     for saq in (False, True):
         model, ctx = _clipped(residual_cnn, digits)
-        passes = ([SAQPass(SAQConfig(), _ds(digits, "train"))] if saq else []) + [QuantizePass()]
+        passes = ([SAQPass(SAQConfig(), zoo.digits_dataset(digits, "train"))] if saq else []) + [QuantizePass()]
         q, records = run_passes(model, passes, ctx)
         camp = Campaign(q, test, parse_fault_spec("bitflip:1e-2"), seed=0)
         res = camp.run(CampaignOptions(trials=100, seed=0))
@@ -93,7 +85,7 @@ def test_saq_beats_plain_int8_under_weight_bit_flips(residual_cnn, digits):
 
 def test_write_back_changes_values_only(residual_cnn, digits):
     model, _ = _clipped(residual_cnn, digits)
-    out = fine_tune(model, _ds(digits, "train").take(256), SAQConfig(epochs=1)).model
+    out = fine_tune(model, zoo.digits_dataset(digits, "train").take(256), SAQConfig(epochs=1)).model
     assert [n.SerializeToString() for n in out.graph.node] == [n.SerializeToString() for n in model.graph.node]
     assert [(t.name, t.data_type, list(t.dims)) for t in out.graph.initializer] == \
            [(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]
@@ -108,7 +100,7 @@ def test_write_back_changes_values_only(residual_cnn, digits):
 def test_tolerance_rolls_back_a_collapse(mlp, tabular):
     """A radius that wrecks the model: every epoch is outside the tolerance, the weights stay."""
     model, _ = prepare(onnx.load(str(mlp)))
-    r = fine_tune(model, _ds(tabular, "train"), SAQConfig(epochs=2, rho=50.0, lr=0.5, tolerance=0.0), val=_ds(tabular, "calib"))
+    r = fine_tune(model, zoo.digits_dataset(tabular, "train"), SAQConfig(epochs=2, rho=50.0, lr=0.5, tolerance=0.0), val=zoo.digits_dataset(tabular, "calib"))
     assert r.record["kept_epoch"] == 0
     for a, b in zip(model.graph.initializer, r.model.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
@@ -116,7 +108,7 @@ def test_tolerance_rolls_back_a_collapse(mlp, tabular):
 
 def test_without_labels_trains_on_own_predictions(mlp, tabular):
     model, _ = prepare(onnx.load(str(mlp)))
-    r = fine_tune(model, _ds(tabular, "train", labels=False), SAQConfig(epochs=1))
+    r = fine_tune(model, zoo.digits_dataset(tabular, "train", labels=False), SAQConfig(epochs=1))
     assert r.record["targets"] == "own predictions"
 
 
@@ -124,7 +116,7 @@ def test_static_batch_model(zoo_dir, digits):
     """A fixed-batch export still trains in batches (the graph does not depend on the batch)."""
     src = zoo.train_digits_cnn("plain", zoo_dir, dynamic_batch=False)
     model, _ = prepare(onnx.load(str(src)))
-    r = fine_tune(model, _ds(digits, "train").take(128), SAQConfig(epochs=1), val=_ds(digits, "calib").take(64))
+    r = fine_tune(model, zoo.digits_dataset(digits, "train").take(128), SAQConfig(epochs=1), val=zoo.digits_dataset(digits, "calib").take(64))
     assert r.record["batch_size"] == 64
     onnx.checker.check_model(r.model)
 
@@ -160,7 +152,7 @@ def test_saq_under_stuck_at_chips_with_and_without_faq(residual_cnn, digits):
     from harden.faultmap import generate_uniform
     from harden.stats import summarize
 
-    test, calib, train = _ds(digits, "test"), _ds(digits, "calib"), _ds(digits, "train")
+    test, calib, train = zoo.digits_dataset(digits, "test"), zoo.digits_dataset(digits, "calib"), zoo.digits_dataset(digits, "train")
     camp, chips, clean = {}, {}, {}
     for saq in (False, True):
         opts = pipeline.ApplyOptions(clip_percentile=100.0, saq=saq, trials=0)

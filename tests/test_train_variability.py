@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 import zoo  # noqa: E402
 from harden.campaign import Campaign, CampaignOptions  # noqa: E402
 from harden.cli import main  # noqa: E402
-from harden.data import Dataset  # noqa: E402
 from harden.faults import parse_fault_spec  # noqa: E402
 from harden.passes import PassContext, run_passes  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
@@ -24,16 +23,9 @@ from harden.train.saq import SAQConfig, fine_tune  # noqa: E402
 from harden.train.variability import lognormal_noise  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _ds(d, split):
-    return Dataset({"input": np.array(d[f"x_{split}"])}, np.array(d[f"y_{split}"]))
 
 
 def test_noise_is_lognormal():
@@ -55,15 +47,15 @@ def test_variability_aware_beats_plain_under_analog_variability(residual_cnn, di
     out = {}
     for aware in (False, True):
         model, _ = prepare(onnx.load(str(residual_cnn)))
-        ctx = PassContext(calib=_ds(digits, "calib"))
+        ctx = PassContext(calib=zoo.digits_dataset(digits, "calib"))
         model = ClipPass("zero", 100.0).call(model, ctx).model
         if aware:
-            r = fine_tune(model, _ds(digits, "train"), SAQConfig(epochs=10, lr=5e-4, sam=False), val=ctx.calib,
+            r = fine_tune(model, zoo.digits_dataset(digits, "train"), SAQConfig(epochs=10, lr=5e-4, sam=False), val=ctx.calib,
                           noise=lognormal_noise(0.05, 0.15))
             model = r.model
             assert r.record["kept_epoch"] >= 5
         q, _ = run_passes(model, [QuantizePass()], ctx)
-        camp = Campaign(q, _ds(digits, "test"), parse_fault_spec("variability:0.05,0.15"), seed=0)
+        camp = Campaign(q, zoo.digits_dataset(digits, "test"), parse_fault_spec("variability:0.05,0.15"), seed=0)
         res = camp.run(CampaignOptions(trials=100, seed=0))
         out[aware] = (camp.clean_accuracy, camp.point_record(res.points[0], res.options)["accuracy"])
     (c0, a0), (c1, a1) = out[False], out[True]

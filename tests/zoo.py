@@ -151,6 +151,13 @@ def tabular_splits() -> dict[str, np.ndarray]:
     return dict(_cache["tabular"])
 
 
+def digits_dataset(d: dict, split: str, labels: bool = True):
+    """A harden Dataset of one digits split (`d` from digits_splits()), with or without labels."""
+    from harden.data import Dataset
+
+    return Dataset({"input": np.array(d[f"x_{split}"])}, np.array(d[f"y_{split}"]) if labels else None)
+
+
 def write_npz(path, x, y=None, input_name: str = "input") -> Path:
     """Write a harden dataset: {input_name: x} plus "label" (int64) when y is given.
 
