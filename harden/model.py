@@ -228,6 +228,18 @@ def float_weight_names(model: onnx.ModelProto) -> list[str]:
     return list(seen)
 
 
+def output_channel_axis(op_type: str, attrs: dict, ndim: int) -> int:
+    """The axis of a weight op's weight that indexes its output channels (the axis onnxruntime's
+    per-channel quantizer uses): Conv 0, ConvTranspose 1, Gemm by transB, MatMul the last."""
+    if op_type == "Conv":
+        return 0
+    if op_type == "ConvTranspose":
+        return 1
+    if op_type == "Gemm":
+        return 0 if attrs.get("transB", 0) else 1
+    return ndim - 1  # MatMul: [.., in, out]
+
+
 def float_weight_count(model: onnx.ModelProto) -> int:
     """How many float weights quantization will turn into int8 weight-memory words."""
     inits = initializer_map(model)

@@ -23,7 +23,8 @@ from harden.passes.quantize import QuantizePass  # noqa: E402
 from harden.passes.saq import SAQPass  # noqa: E402
 from harden.pipeline import prepare  # noqa: E402
 from harden.train.graph import OnnxModule  # noqa: E402
-from harden.train.saq import SAQConfig, channel_axis, fake_quant, fine_tune  # noqa: E402
+from harden.model import output_channel_axis  # noqa: E402
+from harden.train.saq import SAQConfig, fake_quant, fine_tune  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -56,7 +57,7 @@ def test_fake_quant_is_onnxruntimes_int8(request, digits, tabular, kind):
         fname = next(n for n in module.weight_names() if qname.startswith(n))
         node, attrs = nodes[fname]
         p = module.parameter(fname).detach()
-        axis = channel_axis(node.op_type, attrs, p.dim())
+        axis = output_channel_axis(node.op_type, attrs, p.dim())
         fq = fake_quant(p, axis)
         red = [i for i in range(p.dim()) if i != axis]
         scale = p.abs().amax(dim=red, keepdim=True) / 127

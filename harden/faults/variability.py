@@ -227,17 +227,6 @@ class Variability(ParamsFaultModel):
 # --- the analog session -----------------------------------------------------------------------
 
 
-def output_channel_axis(op_type: str, attrs: dict) -> int:
-    """The axis of a weight op's *weight* that indexes its output channels."""
-    if op_type == "Conv":
-        return 0
-    if op_type == "ConvTranspose":
-        return 1
-    if op_type == "Gemm":
-        return 0 if attrs.get("transB", 0) else 1
-    return -1  # MatMul: [.., K, N]
-
-
 def _channel_axis_of_output(op_type: str) -> int:
     """The axis of a weight op's *output* that indexes its output channels."""
     return -1 if op_type == "MatMul" else 1
@@ -275,7 +264,7 @@ def dequantized(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
 
 def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
     """The weight ops of an int8 QDQ model, in forward order (qdq_weights' order)."""
-    from ..model import qdq_weights
+    from ..model import output_channel_axis, qdq_weights
 
     dq_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     consumers: dict[str, onnx.NodeProto] = {}
@@ -288,7 +277,7 @@ def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
         node = consumers[wi]
         bias_input = node.input[2] if w.bias and len(node.input) > 2 else None
         out.append(AnalogLayer(w.name, w.op_type, wi, node.output[0], tuple(w.shape),
-                               output_channel_axis(w.op_type, w.attrs), w.bias, bias_input))
+                               output_channel_axis(w.op_type, w.attrs, len(w.shape)), w.bias, bias_input))
     return out
 
 
@@ -420,5 +409,5 @@ class AnalogEvaluator:
 __all__ = [
     "AnalogEvaluator", "AnalogInjection", "AnalogLayer", "MAX_SIGMA", "TensorVariation", "Variability",
     "VariabilityParams", "analog_layers", "analog_model", "check_sigma", "dequantized", "float_values",
-    "output_channel_axis", "sample_thetas", "sample_variability",
+    "sample_thetas", "sample_variability",
 ]

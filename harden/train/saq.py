@@ -36,6 +36,7 @@ import onnx
 
 from ..data import Dataset
 from ..errors import InputError
+from ..model import output_channel_axis
 from ..runtime import fixed_batch
 from . import require_torch
 
@@ -85,17 +86,6 @@ class SAQConfig:
             raise InputError(f"kd must be in [0, 1], got {self.kd!r}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size!r}")
-
-
-def channel_axis(op_type: str, attrs: dict, ndim: int) -> int:
-    """The output-channel axis onnxruntime's per-channel quantizer uses for this weight."""
-    if op_type == "Conv":
-        return 0
-    if op_type == "ConvTranspose":
-        return 1
-    if op_type == "Gemm":
-        return 0 if attrs.get("transB", 0) else 1
-    return ndim - 1  # MatMul: [.., in, out]
 
 
 def quant_scale(w: "torch.Tensor", axis: int) -> "torch.Tensor":
@@ -237,7 +227,7 @@ def _fine_tune(module, model, train, cfg, val, noise, on_epoch, on_batch) -> Fin
     if not weights:
         raise InputError("fine-tuning needs Conv, Gemm or MatMul weights; the model has none")
     wn = module.weight_nodes()
-    axes = {n: channel_axis(wn[n][0].op_type, wn[n][1], module.parameter(n).dim()) for n in weights}
+    axes = {n: output_channel_axis(wn[n][0].op_type, wn[n][1], module.parameter(n).dim()) for n in weights}
     for name, p in module.onnx_parameters().items():
         p.requires_grad_(name in weights or name in others)
     trained = weights + others
