@@ -26,13 +26,12 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, read_input
 
 MAGIC = b"HFM1"
 VERSION = 1
@@ -311,20 +310,9 @@ def write_faultmap(fm: FaultMap, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, to_bytes(fm))
 
 
-def _read_file(path: str | os.PathLike) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a fault map") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
 def read_faultmap(path: str | os.PathLike, num_words: int | None = None) -> FaultMap:
     """Read an HFM1 file, or a CSV (`address,bit,stuck`; needs num_words), by its content."""
-    data = _read_file(path)
+    data = read_input(path, "a fault map")
     source = str(path)
     if data.startswith(MAGIC):
         fm = from_bytes(data, source=source)
@@ -349,7 +337,7 @@ _CSV_LINE = re.compile(r"\s*-?\d+\s*,\s*-?\d+\s*,\s*-?\d+\s*")
 
 def faultmap_from_csv(path: str | os.PathLike, num_words: int, meta: dict | None = None) -> FaultMap:
     """Read a memory-BIST CSV (`address,bit,stuck`) into a FaultMap of num_words words."""
-    return _parse_csv(_read_file(path), num_words, meta, str(path))
+    return _parse_csv(read_input(path, "a fault map"), num_words, meta, str(path))
 
 
 def _parse_csv(data: bytes, num_words: int, meta: dict | None, source: str) -> FaultMap:

@@ -19,6 +19,18 @@ from typing import Iterable, Iterator
 from .errors import InputError
 
 
+def read_input(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of an input file; a missing, folder or unreadable path is one InputError line."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not {what}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
     """Refuse an output that would overwrite an input or land in a missing folder."""
     out = Path(output)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .fileio import read_input
 from .report import REPORT_SCHEMA, _pass_note
 
 COMMANDS = ("apply", "simulate")
@@ -105,15 +106,9 @@ def load_report(path: str | Path) -> dict:
     """Read and validate a JSON report; any problem is one InputError line."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a folder, not a JSON report") from None
+        text = read_input(p, "a JSON report").decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{p}: not a JSON report (not UTF-8 text)") from None
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read ({exc.strerror})") from None
     try:
         report = json.loads(text)
     except json.JSONDecodeError as exc:
