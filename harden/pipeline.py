@@ -23,14 +23,15 @@ from typing import Callable, Mapping
 
 import onnx
 
-from . import __version__
+from . import __version__, arithmetic
 from .clip_search import search_clip
-from .data import Dataset, load_npz
+from .data import Dataset, accuracy, load_npz, top1
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
 from .faults import parse_fault_spec
 from .faults.chip import ChipFaults
 from .fileio import atomic_write_many, check_output_path
+from .hostcheck import fused_host_record
 from .memory import MemoryMap, get_layout, model_layout_tensors
 from .model import (
     constants_to_initializers,
@@ -179,15 +180,19 @@ def build_shared(model: onnx.ModelProto, calib: Dataset, evald: Dataset, opts: A
     return Shared(float_model, qmodel, ctx, evald, records, sum(w.size for w in table), clipped)
 
 
-def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator: ChipEvaluator | None = None) -> tuple[onnx.ModelProto, list[dict], dict]:
-    """FAQ for one chip on a copy of the shared int8 model, then its accuracy on that chip."""
+def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator: ChipEvaluator | None = None,
+                    host_check: bool = True) -> tuple[onnx.ModelProto, list[dict], dict]:
+    """FAQ for one chip on a copy of the shared int8 model, then its accuracy on that chip.
+
+    A fleet passes `host_check=False`: the host's fused kernels are checked once for the fleet.
+    """
     model = onnx.ModelProto()
     model.CopyFrom(shared.plain)
     faq = FAQPass(fm, compensate=opts.compensation, bias_correction=opts.bias_correction, calib_samples=opts.calib_samples,
                   layout=opts.layout)
     hardened, records = run_passes(model, [faq], shared.ctx)
     t0 = time.perf_counter()
-    results = evaluate_on_chip(shared, hardened, fm, evaluator)
+    results = evaluate_on_chip(shared, hardened, fm, evaluator, host_check)
     records.append({"pass": "simulate", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
     return hardened, records, results
 
@@ -334,8 +339,12 @@ def reference_evaluator(shared: Shared) -> ChipEvaluator:
     return ChipEvaluator(shared.plain, shared.evald, shared.reference()[1])
 
 
-def evaluate_on_chip(shared: Shared, hardened: onnx.ModelProto, fm: FaultMap, evaluator: ChipEvaluator | None = None) -> dict:
-    """Accuracy of float, int8, plain int8 on the chip, and hardened on the chip.
+def evaluate_on_chip(shared: Shared, hardened: onnx.ModelProto, fm: FaultMap, evaluator: ChipEvaluator | None = None,
+                     host_check: bool = True) -> dict:
+    """Accuracy of float, int8, plain int8 on the chip, hardened fault-free and hardened on the chip.
+
+    Every figure uses the chip's arithmetic (arithmetic.py); `host_check` adds what this host's
+    onnxruntime fused kernels make of the written model (hostcheck.py).
 
     Scored against labels when the data has them, else as top-1 agreement with the float
     model (or with the fault-free int8 model when the input was already int8). A fleet passes
@@ -345,21 +354,28 @@ def evaluate_on_chip(shared: Shared, hardened: onnx.ModelProto, fm: FaultMap, ev
     ev = evaluator or reference_evaluator(shared)
     names = ev.weight_names + ev.bias_names
     mm = MemoryMap.from_json(get_metadata(hardened)["harden.memory_map"])  # the layout FAQ used
+    hardened_values = model_values(hardened, names)
+    hardened_logits = ev.logits(hardened_values)
     acc = {
         "float": float_acc,
         "int8": ev.evaluate(),
         "int8_on_chip": ev.evaluate(read_through_chip(model_values(shared.plain, names), mm, fm)),
-        "hardened_on_chip": ev.evaluate(read_through_chip(model_values(hardened, names), mm, fm)),
+        "hardened": accuracy(top1(hardened_logits), ev.reference.target),
+        "hardened_on_chip": ev.evaluate(read_through_chip(hardened_values, mm, fm)),
     }
     lost = acc["int8"] - acc["int8_on_chip"]
     recovered = acc["hardened_on_chip"] - acc["int8_on_chip"]
-    return {
+    out = {
         "reference": ev.reference.kind,
         "reference_model": "float" if shared.float_model is not None else "int8",
         "samples": len(shared.evald),
+        "arithmetic": arithmetic.describe(),
         "accuracy": {k: (None if v is None else round(v, 6)) for k, v in acc.items()},
         "recovery": round(recovered / lost, 6) if lost > 0 else None,
     }
+    if host_check:
+        out["host_onnxruntime"] = fused_host_record(hardened, shared.evald, ev.reference.target, hardened_logits)
+    return out
 
 
 def check_training(opts: ApplyOptions) -> None:

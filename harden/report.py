@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .hostcheck import warning_line
+
 REPORT_SCHEMA = "harden.report/1"
 
 
@@ -33,6 +35,11 @@ def summary_table(report: dict) -> str:
     ]
     if res.get("recovery") is not None:
         lines.append(f"  recovered {100 * res['recovery']:.1f}% of the accuracy plain int8 loses on this chip")
+    if acc.get("hardened") is not None:
+        lines.append(f"  (hardened, fault-free      {_pct(acc['hardened'])}; chip arithmetic: exact int32 accumulation)")
+    warning = warning_line(res.get("host_onnxruntime"))
+    if warning:
+        lines.append(warning)
     res_block = res.get("resilience")
     if res_block:
         names = [v["name"] for v in res_block["variants"]]

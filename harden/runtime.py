@@ -8,16 +8,23 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .arithmetic import session_options
 from .data import Dataset
 from .errors import InputError
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
-    """A CPU session for an in-memory model (warnings silenced: they are not the user's)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+def session(model: onnx.ModelProto, *, optimize: bool = True, host_fused: bool = False) -> ort.InferenceSession:
+    """A CPU session for an in-memory model that computes what the chip computes.
+
+    QDQ fusion is off (arithmetic.py: exact int32 accumulation to within float32 rounding, on
+    any host). `host_fused=True` gives onnxruntime's default session instead, whose fused int8
+    kernels depend on the host CPU: only for warning a user who deploys with onnxruntime.
+    """
+    if host_fused:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+    else:
+        opts = session_options(optimize=optimize)
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -46,6 +46,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from harden.arithmetic import session_options
+
 # Bump when a change to the training or export code changes the models, so cached files
 # (named with this version) are rebuilt.
 ZOO_VERSION = 1
@@ -189,10 +191,9 @@ def _atomic_npz(path: Path, arrays: dict) -> None:
 
 
 def ort_session(model) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    """A one-thread session in the chip's arithmetic (harden/arithmetic.py): never the host's
+    fused int8 kernels, which saturate on x86 without VNNI."""
+    so = session_options(threads=1)
     src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
