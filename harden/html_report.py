@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import InputError
 from .fileio import read_input
+from .hostcheck import warning_line
 from .report import REPORT_SCHEMA, _pass_note
 
 COMMANDS = ("apply", "simulate")
@@ -577,7 +578,27 @@ _KNOWN = {
     "simulate": {"schema", "harden_version", "command", "inputs", "model", "options", "points", "clean", "trial", "seconds",
                  "per_layer", "per_layer_fault", "diagnostics", "activation_faults", "gates"},
 }
-_KNOWN_RESULTS = {"reference", "reference_model", "samples", "accuracy", "recovery", "resilience"}
+_KNOWN_RESULTS = {"reference", "reference_model", "samples", "accuracy", "recovery", "resilience", "arithmetic",
+                  "host_onnxruntime"}
+
+
+def _arithmetic_notes(res: dict) -> list[_H]:
+    """What arithmetic the figures use, and whether this host's onnxruntime agrees with it."""
+    parts: list[_H] = []
+    ar = res.get("arithmetic")
+    if isinstance(ar, dict):
+        host = ar.get("host") or {}
+        parts.append(_p(f"Arithmetic: {ar.get('name', '?')} ({ar.get('path', '')}): int8 products accumulated exactly "
+                        f"(to float32 rounding), the same on any host. Host {host.get('machine', '?')}, int8 CPU features: "
+                        f"{', '.join(host.get('int8_flags') or []) or 'none detected'}.", "note"))
+    hc = res.get("host_onnxruntime")
+    if isinstance(hc, dict) and hc.get("differs"):
+        parts.append(_p(warning_line(hc) or "", "note"))
+    elif isinstance(hc, dict):
+        parts.append(_p(f"onnxruntime's own fused int8 kernels on this host give "
+                        f"{_pct(hc.get('accuracy_onnxruntime_fused'))} on the written model, as the chip's arithmetic does.",
+                        "note"))
+    return parts
 
 
 def render_html(report: dict) -> str:
@@ -721,11 +742,12 @@ def _apply_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
     # accuracy table + bars
     rows = [[label, _pct(acc.get(key))] for key, label in (
         ("float", "float"), ("int8", "int8, fault-free"), ("int8_on_chip", "int8 on this chip"),
-        ("hardened_on_chip", "hardened on this chip"))]
+        ("hardened", "hardened, fault-free"), ("hardened_on_chip", "hardened on this chip")) if key in acc]
     rows.append(["recovery", "–" if rec is None else f"{100 * rec:.1f}% of the loss of plain int8"])
     parts = [_table(["model", "accuracy"], rows, num=[1])]
     if rec is None:
         parts.append(_p("Plain int8 loses nothing on this chip, so there is no recovery figure.", "note"))
+    parts += _arithmetic_notes(res)
     if any(acc.get(k) is not None for k in ("float", "int8", "int8_on_chip", "hardened_on_chip")):
         parts.append(plots.accuracy_bars(acc))
     body.append(_section("accuracy", "Accuracy on this chip", *parts))
