@@ -759,6 +759,7 @@ def _apply_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
         names = ", ".join(f"{s['name']}" + (f" (+{s['adds']})" if s["adds"] else "") for s in series)
         parts = [_p(f"The same fault campaign on the model after each pass ({names}): {rb.get('trials', '?')} trials per "
                     f"random point, seed {rb.get('seed', '?')}; trial t of every variant gets the same faults.")]
+        parts += [_p(f"Left out {sk.get('point')}: {sk.get('why')}", "note") for sk in rb.get("skipped_points") or []]
         fig = plots.against_rate(series, labels, "acc", "accuracy")
         if fig:
             parts.append(fig)

@@ -29,6 +29,7 @@ from .data import Dataset, accuracy, load_npz, top1
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
 from .faults import parse_fault_spec
+from .faults.base import WeightSpace
 from .faults.chip import ChipFaults
 from .fileio import atomic_write_many, check_output_path
 from .hostcheck import fused_host_record
@@ -71,7 +72,7 @@ class ApplyOptions:
     calib_samples: int = 256
     seed: int = 0
     trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
-    faults: tuple[str, ...] = DEFAULT_FAULTS
+    faults: tuple[str, ...] | None = None  # None: DEFAULT_FAULTS, less the points the model has nothing for
     layout: str | None = None  # memory layout plugin, e.g. "tiled:rows=128,cols=128"; None = linear
     # training (needs torch, `pip install 'harden[train]'`; harden/train/, docs/training.md)
     saq: bool = False  # sharpness-aware quantization-aware fine-tune between clip and quantize
@@ -253,7 +254,8 @@ def apply(
         if report_path is not None and Path(report_path).resolve() == out_path.resolve():
             raise InputError(f"--report {report_path} is the same path as the output model")
         check_outputs([out_path, *([report_path] if report_path is not None else []), *(extra_outputs or {})], inputs)
-    points = [m for spec in opts.faults for m in parse_fault_spec(spec)] if opts.trials > 0 else []
+    specs = opts.faults if opts.faults is not None else DEFAULT_FAULTS
+    points = [m for spec in specs for m in parse_fault_spec(spec)] if opts.trials > 0 else []
     if any(getattr(p, "precision", "int8") != "int8" for p in points):
         raise InputError("apply's campaign runs on the int8 models it builds: use int8 fault models "
                          "(bitflip, bitflip-bias, stuckat, bitflip-act); simulate the float model for bitflip-fp32")
@@ -274,8 +276,11 @@ def apply(
     if opts.trials > 0:
         say("campaign")
         t0 = time.perf_counter()
+        points, skipped = fitting_points(points, shared.plain, explicit=opts.faults is not None)
         variants = _variants(shared, hardened, opts)
         results["resilience"] = measure(variants, evald, shared.reference()[1], [ChipFaults(fm, layout=opts.layout), *points], trials=opts.trials, seed=opts.seed)
+        if skipped:
+            results["resilience"]["skipped_points"] = skipped
         records.append({"pass": "campaign", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
     report = {
@@ -309,6 +314,26 @@ def apply(
     else:
         report["seconds"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def fitting_points(points: list, model: onnx.ModelProto, *, explicit: bool) -> tuple[list, list[dict]]:
+    """The campaign points that apply to `model`. A default point the model has nothing for (bias
+    flips in a bias-free network) is left out and recorded; an explicit one is an input error."""
+    space = WeightSpace.from_model(model)
+    keep, skipped = [], []
+    for p in points:
+        if getattr(p, "space_kind", "weights") != "weights":  # checked against its own session's space
+            keep.append(p)
+            continue
+        try:
+            p.check(space)
+        except InputError as exc:
+            if explicit:
+                raise
+            skipped.append({"point": p.label, "why": str(exc)})
+            continue
+        keep.append(p)
+    return keep, skipped
 
 
 def _variants(shared: Shared, hardened: onnx.ModelProto, opts: ApplyOptions) -> list[tuple[str, str | None, onnx.ModelProto]]:

@@ -55,6 +55,8 @@ def summary_table(report: dict) -> str:
             lines.append("  measured gains: " + "; ".join(helps))
         if hurts:
             lines.append("  measured losses: " + "; ".join(hurts))
+        for sk in res_block.get("skipped_points", []):
+            lines.append(f"  left out {sk['point']}: {sk['why']}")
     lines.append("passes:")
     for rec in report["passes"]:
         lines.append(f"  {rec['pass']:<11} {rec.get('seconds', 0):7.2f}s  {_pass_note(rec)}")

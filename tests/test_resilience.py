@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+import zoo
+from harden.errors import InputError
 from harden.faultmap import generate_uniform, write_faultmap
 from harden.memory import weight_count
 from harden.pipeline import ApplyOptions, apply
@@ -58,3 +62,20 @@ def test_campaign_takes_activation_and_analog_points(tmp_path, plain_cnn, digits
             assert fig["trials"] == 3 and 0.5 < fig["accuracy"]["mean"] <= 1.0
     chip_point = res["points"][0]
     assert res["figures"]["hardened"][chip_point]["accuracy"]["mean"] == report["results"]["accuracy"]["hardened_on_chip"]
+
+
+def test_default_points_fit_a_bias_free_network(tmp_path, zoo_dir, tabular_calib_npz, tabular_test_npz):
+    """Issue 11: a MatMul network has no int32 biases; apply's default campaign leaves the bias
+    flips out (and says so) instead of failing, while an explicit bias point is still exit 2."""
+    model = zoo.train_tabular_mlp(zoo_dir, use_matmul=True)
+    chip = tmp_path / "chip.bin"
+    write_faultmap(generate_uniform(weight_count(model), 0.04, 1), chip)
+    res = apply(model, chip, tabular_calib_npz, tmp_path / "h.onnx", eval_data_path=tabular_test_npz,
+                options=ApplyOptions(trials=3, clip_percentile=100.0))
+    rb = res.report["results"]["resilience"]
+    assert [s["point"] for s in rb["skipped_points"]] == ["bitflip-bias:0.001"]
+    assert "bitflip:0.001" in rb["points"] and not any(p.startswith("bitflip-bias") for p in rb["points"])
+    with pytest.raises(InputError, match="no int32 biases"):
+        apply(model, chip, tabular_calib_npz, tmp_path / "h2.onnx", eval_data_path=tabular_test_npz,
+              options=ApplyOptions(trials=3, clip_percentile=100.0, faults=("bitflip-bias:1e-3",)))
+    assert not (tmp_path / "h2.onnx").exists()

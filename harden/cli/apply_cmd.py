@@ -33,7 +33,7 @@ from ._training import training_fields, training_options
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
 @click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True, help="Samples used for the compensation statistics.")
 @click.option("--trials", type=click.IntRange(0), default=30, show_default=True, help="Trials per random fault point of the resilience campaign (0: no campaign).")
-@click.option("--fault", "faults", multiple=True, metavar="SPEC", help="Random fault points for the campaign, e.g. bitflip:1e-3,1e-2 (repeatable). Default: bitflip:1e-3,1e-2 and bitflip-bias:1e-3.")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC", help="Random fault points for the campaign, e.g. bitflip:1e-3,1e-2 (repeatable). Default: bitflip:1e-3,1e-2 and, where the model has int32 biases, bitflip-bias:1e-3.")
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), help="Gate: exit 1 if hardened accuracy on this chip is below this.")
 @click.option("--max-drop", type=click.FloatRange(0, 1), help="Gate: exit 1 if hardened-on-chip accuracy is more than this below fault-free int8.")
 @click.option("--summary-md", type=click.Path(dir_okay=False),
