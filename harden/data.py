@@ -80,6 +80,10 @@ class Dataset:
         """The first n samples."""
         return Dataset({k: v[:n] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[:n], self.source)
 
+    def subset(self, index: np.ndarray) -> "Dataset":
+        """The samples at `index` (an integer array or a boolean mask), in order."""
+        return Dataset({k: v[index] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[index], self.source)
+
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Input feeds of at most batch_size samples."""
         for i in range(0, len(self), batch_size):
@@ -214,3 +218,23 @@ def top1(logits: np.ndarray) -> np.ndarray:
 def accuracy(pred: np.ndarray, reference: np.ndarray) -> float:
     """Fraction of predictions equal to the reference (labels, or the float model's top-1)."""
     return float(np.mean(pred == reference))
+
+
+#: Without --eval-data, every HOLD_OUT_EVERY-th sample of --data (i % k == k - 1) is held out:
+#: calibration, clip search, training and compensation see only the others, and the figures
+#: are scored on these. A stride, not a random draw: reproducible and stratified when the
+#: data is sorted by class.
+HOLD_OUT_EVERY = 4
+MIN_HELD_OUT = 1
+
+
+def split_held_out(data: Dataset) -> tuple[Dataset, Dataset, dict]:
+    """(the part to fit on, the held-out part to score on, the record the report keeps)."""
+    n = len(data)
+    held = (np.arange(n) % HOLD_OUT_EVERY) == HOLD_OUT_EVERY - 1
+    if held.sum() < MIN_HELD_OUT:
+        raise InputError(f"--data has {n} samples: too few to hold out a sample for scoring "
+                         f"(every {HOLD_OUT_EVERY}th); give --eval-data, or more data")
+    record = {"held_out_of": "data", "rule": f"sample i where i % {HOLD_OUT_EVERY} == {HOLD_OUT_EVERY - 1}",
+              "samples": int(held.sum()), "fit_samples": int(n - held.sum())}
+    return data.subset(~held), data.subset(held), record

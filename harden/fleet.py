@@ -126,7 +126,7 @@ def apply_fleet(
         check_outputs([*outputs, *([report_path] if report_path else [])], [model_path, data_path, eval_data_path, *paths])
 
     say("load")
-    model, calib, evald = load_inputs(model_path, data_path, eval_data_path)
+    model, calib, evald, eval_record = load_inputs(model_path, data_path, eval_data_path)
     shared = build_shared(model, calib, evald, opts, say)
     # FAQ's calibration statistics are chip independent: collect them here, once.
     t0 = time.perf_counter()
@@ -181,7 +181,7 @@ def apply_fleet(
         "inputs": {
             "model": _file_record(model_path),
             "data": {**_file_record(data_path), "samples": len(calib)},
-            "eval_data": {**_file_record(eval_data_path), "samples": len(evald)} if eval_data_path else None,
+            "eval_data": eval_record,
             "faultmaps": len(paths),
             "already_int8": shared.already_int8,
         },

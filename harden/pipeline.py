@@ -25,7 +25,7 @@ import onnx
 
 from . import __version__, arithmetic
 from .clip_search import search_clip
-from .data import Dataset, accuracy, load_npz, top1
+from .data import Dataset, accuracy, load_npz, split_held_out, top1
 from .errors import InputError
 from .faultmap import CSV_HEADER, FaultMap, read_faultmap
 from .faults import parse_fault_spec
@@ -209,12 +209,19 @@ def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLi
         taken.add(resolved)
 
 
-def load_inputs(model_path, data_path, eval_data_path) -> tuple[onnx.ModelProto, Dataset, Dataset]:
-    """The model and its data, each checked against the other."""
+def load_inputs(model_path, data_path, eval_data_path) -> tuple[onnx.ModelProto, Dataset, Dataset, dict]:
+    """The model, the data to fit on, the data to score on, and where the latter came from.
+
+    Without `eval_data_path` a deterministic part of the data is held out (data.split_held_out):
+    no figure is ever scored on samples that calibration or compensation saw.
+    """
     model = load_model(model_path)
     calib = load_npz(data_path, model, role="calibration data")
-    evald = load_npz(eval_data_path, model, role="evaluation data") if eval_data_path else calib
-    return model, calib, evald
+    if eval_data_path:
+        evald = load_npz(eval_data_path, model, role="evaluation data")
+        return model, calib, evald, {**_file_record(eval_data_path), "samples": len(evald)}
+    calib, evald, record = split_held_out(calib)
+    return model, calib, evald, record
 
 
 def read_chip(path: str | os.PathLike, num_words: int | None) -> FaultMap | None:
@@ -260,7 +267,7 @@ def apply(
         raise InputError("apply's campaign runs on the int8 models it builds: use int8 fault models "
                          "(bitflip, bitflip-bias, stuckat, bitflip-act); simulate the float model for bitflip-fp32")
     say("load")
-    model, calib, evald = load_inputs(model_path, data_path, eval_data_path)
+    model, calib, evald, eval_record = load_inputs(model_path, data_path, eval_data_path)
     train = load_npz(opts.train_data, model, role="training data") if opts.train_data else None
     layout = get_layout(opts.layout) if opts.layout else None
     fm = read_chip(faultmap_path, None)  # a CSV map waits for the model's weight count
@@ -291,7 +298,7 @@ def apply(
             "model": _file_record(model_path),
             "faultmap": {**_file_record(faultmap_path), **fm.summary()},
             "data": {**_file_record(data_path), "samples": len(calib)},
-            "eval_data": {**_file_record(eval_data_path), "samples": len(evald)} if eval_data_path else None,
+            "eval_data": eval_record,
             "already_int8": shared.already_int8,
         },
         "options": asdict(opts),

@@ -14,6 +14,12 @@ def to_json(report: dict) -> str:
     return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
+def _scored_on(report: dict) -> str:
+    """Which samples the figures are scored on: --eval-data, or the part of --data held out."""
+    ev = report["inputs"].get("eval_data") or {}
+    return f"held-out ({ev['rule']} of --data, never fitted)" if ev.get("held_out_of") else "--eval-data"
+
+
 def _pct(v: float | None) -> str:
     return "   n/a" if v is None else f"{100 * v:6.2f}%"
 
@@ -27,7 +33,7 @@ def summary_table(report: dict) -> str:
     lines = [
         f"chip {fm.get('chip_id') or '?'}: {fm['num_words']} words, {fm['faulty_cells']} faulty cells "
         f"(rate {fm['rate']:.4f}), {fm['num_records']} faulty words",
-        f"accuracy on {res['samples']} samples ({scored}):",
+        f"accuracy on {res['samples']} {_scored_on(report)} samples ({scored}):",
         f"  float                    {_pct(acc['float'])}",
         f"  int8, fault-free         {_pct(acc['int8'])}",
         f"  int8 on this chip        {_pct(acc['int8_on_chip'])}",

@@ -142,7 +142,7 @@ def test_report_figures_equal_an_independent_evaluation(tmp_path):
     # int8 and int8 on chip: the same model before FAQ (the shared plain int8 model).
     from harden.pipeline import build_shared, load_inputs
 
-    model, calib, evald = load_inputs(ROOT / "samples/model.onnx", ROOT / "samples/calib.npz", ROOT / "samples/test.npz")
+    model, calib, evald, _ = load_inputs(ROOT / "samples/model.onnx", ROOT / "samples/calib.npz", ROOT / "samples/test.npz")
     plain = build_shared(model, calib, evald, ApplyOptions(trials=0, clip_percentile=100.0), lambda _m: None).plain
     plain.metadata_props.extend(p for p in written.metadata_props if p.key == "harden.memory_map")
     assert abs(acc["int8"] - _independent_accuracy(plain, x, y)) <= one_sample
@@ -198,3 +198,23 @@ def test_sample_figures_identical_on_an_emulated_avx2_cpu(tmp_path):
         assert abs(a["accuracy"][key] - value) * n <= TOLERANCE["accuracy_samples"] + 1e-9, key
     assert (tmp_path / "avx2.onnx").read_bytes() == (tmp_path / "here.onnx").read_bytes()
     assert a["host_onnxruntime"]["host"]["int8_flags"] == ["avx2"]
+
+
+def test_without_eval_data_figures_are_on_held_out_samples(tmp_path):
+    """Issue 11: no --eval-data -> every 4th sample of --data is held out of calibration and
+    compensation, the figures are scored on exactly those, and the report says so."""
+    out = tmp_path / "h.onnx"
+    res = apply(ROOT / "samples/model.onnx", ROOT / "samples/chip.bin", ROOT / "samples/test.npz", out,
+                options=ApplyOptions(trials=0, clip_percentile=100.0))
+    data = np.load(ROOT / "samples/test.npz")
+    held = np.arange(len(data["label"])) % 4 == 3
+    ev = res.report["inputs"]["eval_data"]
+    assert ev["held_out_of"] == "data" and ev["samples"] == held.sum() == res.report["results"]["samples"]
+    assert res.report["inputs"]["data"]["samples"] == (~held).sum()
+    chip = read_faultmap(ROOT / "samples/chip.bin", None)
+    x, y = data["input"][held], data["label"][held]
+    acc = res.report["results"]["accuracy"]
+    assert abs(acc["hardened_on_chip"] - _independent_accuracy(onnx.load(str(out)), x, y, chip)) <= 1 / len(y) + 1e-9
+    from harden.report import summary_table
+
+    assert "held-out" in summary_table(res.report)
