@@ -36,15 +36,19 @@ whose precision is not the model's is refused before any work (`check_precision`
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
 from . import __version__
+from .cluster import cluster_address, connect, require_distributed, worker_cached, worker_count
 from .data import NAN_CLASS, Dataset, load_npz
 from .errors import InputError
 from .faults import (
@@ -200,6 +204,7 @@ class Campaign:
             ref = Reference(data.labels, "labels") if data.labels is not None else Reference(np.empty(0, np.int64), "agreement")
             evaluator = ChipEvaluator(model, data, ref)
         self.evaluator = evaluator
+        self._given_reference = Reference(evaluator.reference.target.copy(), evaluator.reference.kind)
         self.values = evaluator.defaults  # the clean int8 weights and int32 biases
         self.clean_pred = evaluator.predictions()
         self._self_reference = evaluator.reference.kind == "agreement" and evaluator.reference.target.size == 0
@@ -331,7 +336,15 @@ class Campaign:
 
     # --- the campaign --------------------------------------------------------------------
 
-    def run_point(self, point: int, options: CampaignOptions, progress: Callable[[int], None] | None = None) -> PointResult:
+    def run_point(self, point: int, options: CampaignOptions, progress: Callable[[int], None] | None = None,
+                  executor: "TrialExecutor | None" = None) -> PointResult:
+        """The trials of one point, stopping early once the interval meets the margin.
+
+        The stopping rule is checked at the same trial counts (every `check_every` from
+        `min_trials`) whoever runs the trials, and every trial is re-derived from (seed, point,
+        trial), so an executor that runs rounds of trials on other processes gives the figures
+        of this sequential loop exactly (trials past the stop are computed and dropped).
+        """
         model = self.points[point]
         planned = 1 if model.deterministic else options.planned_trials()
         acc = np.empty(planned)
@@ -340,30 +353,40 @@ class Campaign:
         nans = np.empty(planned, np.int64)
         t0 = time.perf_counter()
         n, stopped = 0, False
-        for t in range(planned):
-            r = self.run_trial(point, t)
-            acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
-            n = t + 1
-            if progress:
-                progress(1)
-            if options.margin is not None and n < planned and n >= options.min_trials and n % options.check_every == 0:
-                h = summarize(acc[:n], options.confidence).half_width
-                if h is not None and h <= options.margin:
-                    stopped = True
-                    break
+        while n < planned and not stopped:
+            if executor is None:
+                rows: Iterable[TrialResult] = (self.run_trial(point, t) for t in range(n, planned))
+            else:
+                rows = executor.run(self, point, n, executor.round_end(n, planned, options))
+            for r in rows:
+                t = r.trial
+                acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
+                n = t + 1
+                if progress:
+                    progress(1)
+                if options.margin is not None and n < planned and n >= options.min_trials and n % options.check_every == 0:
+                    h = summarize(acc[:n], options.confidence).half_width
+                    if h is not None and h <= options.margin:
+                        stopped = True
+                        break
         if progress and n < planned:
             progress(planned - n)
         return PointResult(point, model, planned, acc[:n].copy(), events[:n].copy(), cells[:n].copy(), stopped,
                            time.perf_counter() - t0, nans[:n].copy())
 
-    def run(self, options: CampaignOptions | None = None, progress: Callable[[int], None] | None = None) -> CampaignResult:
+    def run(self, options: CampaignOptions | None = None, progress: Callable[[int], None] | None = None,
+            executor: "TrialExecutor | None" = None) -> CampaignResult:
         opts = options or CampaignOptions(seed=self.seed)
         t0 = time.perf_counter()
         res = CampaignResult(self.clean_accuracy, self.evaluator.reference.kind, int(self.target.size), self.n_correct, opts)
         for p in range(len(self.points)):
-            res.points.append(self.run_point(p, opts, progress))
+            res.points.append(self.run_point(p, opts, progress, executor))
         res.seconds = time.perf_counter() - t0
         return res
+
+    def recipe(self) -> "CampaignRecipe":
+        """What another process needs to rebuild this campaign, trial for trial."""
+        return CampaignRecipe(self.model.SerializeToString(), self.data, list(self.points), self.seed, self._given_reference)
 
     def total_planned(self, options: CampaignOptions) -> int:
         return sum(1 if p.deterministic else options.planned_trials() for p in self.points)
@@ -536,6 +559,70 @@ class Campaign:
         return self.session_record("activations")
 
 
+@dataclass
+class CampaignRecipe:
+    """A campaign as data (model bytes, data, every point, seed, reference): sent to a worker
+    once, it rebuilds the same Campaign there (`build`)."""
+
+    model: bytes
+    data: Dataset
+    points: list
+    seed: int
+    reference: Reference
+
+    def build(self) -> "Campaign":
+        model = onnx.load_model_from_string(self.model)
+        ev = ChipEvaluator(model, self.data, Reference(self.reference.target.copy(), self.reference.kind))
+        return Campaign(model, self.data, self.points, seed=self.seed, evaluator=ev)
+
+
+class TrialExecutor:
+    """Runs blocks of trials somewhere else; `run` returns them in trial order."""
+
+    def round_end(self, start: int, planned: int, options: CampaignOptions) -> int:
+        """Where the next round stops: all planned trials without a margin, else a few
+        stopping checkpoints' worth, so that early stopping wastes at most one round."""
+        if options.margin is None:
+            return planned
+        step = options.check_every
+        size = max(self.parallelism * 2, options.min_trials - start, step)
+        size = -(-size // step) * step
+        return min(planned, start + size)
+
+    parallelism: int = 1
+
+    def run(self, campaign: "Campaign", point: int, start: int, stop: int) -> list[TrialResult]:
+        raise NotImplementedError
+
+
+class DaskTrials(TrialExecutor):
+    """Trials as Dask tasks: (point, block of trials) per task, the recipe sent once."""
+
+    def __init__(self, client, campaign: "Campaign"):
+        self.client = client
+        self.parallelism = worker_count(client)
+        self.token = hashlib.sha256(campaign.model.SerializeToString() + repr((campaign.seed, [p.label for p in campaign.points])).encode()).hexdigest()
+        self.recipe = client.scatter(campaign.recipe(), broadcast=True, hash=False)
+        self.run_id = uuid.uuid4().hex[:12]  # task keys unique to this run
+
+    def run(self, campaign: "Campaign", point: int, start: int, stop: int) -> list[TrialResult]:
+        blocks = max(1, min(stop - start, 2 * self.parallelism))
+        edges = np.linspace(start, stop, blocks + 1).round().astype(int)
+        futs = [self.client.submit(_trial_block, self.recipe, self.token, point, int(a), int(b), pure=False, retries=2,
+                                   key=f"harden-trials-{self.run_id}-{point}-{a}-{b}")
+                for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        rows: list[TrialResult] = []
+        for block in self.client.gather(futs):
+            rows += block
+        return rows
+
+
+def _trial_block(recipe: CampaignRecipe, token: str, point: int, start: int, stop: int) -> list[TrialResult]:
+    """A Dask task: trials [start, stop) of `point` on this worker's copy of the campaign."""
+    campaign = worker_cached(token, recipe.build)
+    return [campaign.run_trial(point, t) for t in range(start, stop)]
+
+
 def _analog_session(model: onnx.ModelProto, data: Dataset):
     from .faults.variability import AnalogEvaluator
 
@@ -701,6 +788,7 @@ def simulate(
     on_start: Callable[[int], None] | None = None,
     show_trial: tuple[int, int] | None = None,
     gates: Sequence[PointGate] = (),
+    cluster: str | None = None,
 ) -> SimulationResult:
     """Run a campaign (or re-derive one trial with `show_trial=(point, trial)`) and report it.
 
@@ -711,11 +799,15 @@ def simulate(
     before any work and evaluated into the report's `gates` (this function never raises for a
     failed gate; the CLI exits 1). `on_start(total_planned_trials)` is called once the inputs
     are checked, before any trial. The model is int8 QDQ, or float with float fault models
-    only (bitflip-fp32).
+    only (bitflip-fp32). `cluster`: a Dask address ('local', 'tcp://host:8786', else
+    $HARDEN_CLUSTER; cluster.py): blocks of trials run on its workers, with the same figures.
     """
     from .pipeline import sha256_of
 
     started = time.perf_counter()
+    address = cluster_address(cluster)
+    if address is not None:
+        require_distributed()
     opts = options or CampaignOptions()
     if diagnostics:
         _check_diagnostics(rho, sharpness_samples)
@@ -769,7 +861,12 @@ def simulate(
         return SimulationResult(report, campaign)
     if on_start:
         on_start(campaign.total_planned(opts))
-    result = campaign.run(opts, progress)
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if address is not None:
+            executor = DaskTrials(stack.enter_context(connect(address)), campaign)
+            report["cluster"] = {"address": address}
+        result = campaign.run(opts, progress, executor)
     report["points"] = [campaign.point_record(p, opts) for p in result.points[:n_main]]
     if gates:
         report["gates"] = point_gate_results(report, gates)

@@ -17,3 +17,10 @@ class GateFailed(HardenError):
     """A resilience gate given on the command line was not met (exit code 1)."""
 
     exit_code = 1
+
+
+class OutputError(HardenError):
+    """The environment refused an output (disk full, permission denied, read-only file system):
+    one clear line and exit code 2, like bad input, never "internal error"."""
+
+    exit_code = 2

@@ -312,8 +312,12 @@ def write_faultmap(fm: FaultMap, path: str | os.PathLike) -> None:
 
 def read_faultmap(path: str | os.PathLike, num_words: int | None = None) -> FaultMap:
     """Read an HFM1 file, or a CSV (`address,bit,stuck`; needs num_words), by its content."""
-    data = read_input(path, "a fault map")
-    source = str(path)
+    return faultmap_from_bytes(read_input(path, "a fault map"), str(path), num_words)
+
+
+def faultmap_from_bytes(data: bytes, source: str, num_words: int | None = None) -> FaultMap:
+    """An HFM1 or CSV map from its bytes (`source` names it in errors): what a fleet's worker
+    gets, so that workers need no shared file system."""
     if data.startswith(MAGIC):
         fm = from_bytes(data, source=source)
         if num_words is not None and num_words != fm.num_words:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 
 def read_input(path: str | os.PathLike, what: str) -> bytes:
@@ -76,8 +76,8 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp:
+    """Write `data` to `path` atomically (OutputError when the environment refuses)."""
+    with output_errors(path), atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
@@ -110,12 +110,28 @@ def deferred_signals(signums: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -
             signal.raise_signal(signum)  # SIGINT -> KeyboardInterrupt under Python's default handler
 
 
+@contextlib.contextmanager
+def output_errors(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError while writing `path` (disk full, permission, read-only) becomes OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def atomic_write_many(items: Iterable[tuple[str | os.PathLike, bytes]]) -> None:
     """Write several files as one step: every temp file first, then all the renames.
 
     A failure or an interrupt before the renames leaves none of the targets touched and no temp
-    file behind; the renames themselves run with SIGINT and SIGTERM deferred.
+    file behind; the renames themselves run with SIGINT and SIGTERM deferred. A failing write
+    (disk full, permission) is an OutputError naming the file.
     """
+    items = list(items)
+    with output_errors(", ".join(str(p) for p, _ in items[:3]) + (" ..." if len(items) > 3 else "")):
+        _atomic_write_many(items)
+
+
+def _atomic_write_many(items: list[tuple[str | os.PathLike, bytes]]) -> None:
     pending: list[tuple[Path, Path]] = []
     try:
         for path, data in items:

@@ -2,29 +2,36 @@
 
 `apply_fleet` runs `pipeline.build_shared` once (simplify, clip, quantize, calibration and
 FAQ's layer statistics), then, for every fault map, `pipeline.harden_for_chip` on a copy of the
-shared int8 model. Chips are spread over worker processes (`jobs`); each worker builds one
-onnxruntime session and reuses it for all of its chips, since FAQ changes weight values, never
-the graph. The fleet report gives every chip's figures and the fleet's distribution, including
-the yield at a target accuracy.
+shared int8 model, in this process, in local worker processes (`jobs`) or as Dask tasks
+(`cluster`). Chips stream: each chip's model is written the moment it is done and recorded in a
+journal (`<out>/.harden-fleet/`), so memory does not grow with the fleet and a rerun after a
+crash or Ctrl-C resumes where it stopped. The fleet report gives every chip's figures and the
+fleet's distribution, including the yield at a target accuracy.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
+import hashlib
+import itertools
+import json
 import multiprocessing
 import os
 import re
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import __version__, arithmetic
+from .cluster import cluster_address, connect, require_distributed, worker_cached, worker_count
 from .errors import InputError
-from .faultmap import FaultMap
-from .fileio import atomic_write_many
+from .faultmap import FaultMap, faultmap_from_bytes
+from .fileio import atomic_write_bytes, atomic_write_text, output_errors, read_input
 from .hostcheck import fused_host_record
 from .memory import get_layout, model_layout_tensors
 from .passes.faq import calibration_stats
@@ -38,6 +45,7 @@ from .pipeline import (
     load_inputs,
     read_chip,
     reference_evaluator,
+    sha256_of,
 )
 from .report import REPORT_SCHEMA, to_json
 
@@ -80,15 +88,152 @@ def _init_worker(shared: Shared, opts: ApplyOptions) -> None:
     _WORKER.update(shared=shared, opts=opts, evaluator=None)
 
 
-def _one_chip(path: str, num_words: int) -> tuple[bytes, dict, dict, dict, float]:
-    """Harden the shared model for the map at `path`; returns serialised model and figures."""
+def _harden_chip(shared: Shared, opts: ApplyOptions, evaluator, fm: FaultMap) -> ChipResult:
     t0 = time.perf_counter()
+    hardened, records, results = harden_for_chip(shared, fm, opts, evaluator, host_check=False)
+    return hardened.SerializeToString(deterministic=True), records, results, fm.summary(), time.perf_counter() - t0
+
+
+def _one_chip(path: str, num_words: int) -> ChipResult:
+    """Harden the shared model for the map at `path` (a local worker: same file system)."""
     shared, opts = _WORKER["shared"], _WORKER["opts"]
     if _WORKER["evaluator"] is None:
         _WORKER["evaluator"] = reference_evaluator(shared)
-    fm = read_chip(path, num_words)
-    hardened, records, results = harden_for_chip(shared, fm, opts, _WORKER["evaluator"], host_check=False)
-    return hardened.SerializeToString(deterministic=True), records, results, fm.summary(), time.perf_counter() - t0
+    return _harden_chip(shared, opts, _WORKER["evaluator"], read_chip(path, num_words))
+
+
+def _dask_chip(shared: Shared, opts: ApplyOptions, token: str, map_bytes: bytes, source: str, num_words: int) -> ChipResult:
+    """A Dask task: the map arrives as bytes (no shared file system); the model leaves as bytes."""
+    evaluator = worker_cached(token, lambda: reference_evaluator(shared))
+    return _harden_chip(shared, opts, evaluator, faultmap_from_bytes(map_bytes, source, num_words))
+
+
+ChipResult = tuple  # (model bytes, pass records, results, map summary, seconds)
+
+
+def _run_inline(shared, opts, evaluator, todo, paths, num_words) -> Iterator[tuple[int, ChipResult]]:
+    _init_worker(shared, opts)
+    _WORKER["evaluator"] = evaluator
+    for i in todo:
+        yield i, _one_chip(str(paths[i]), num_words)
+
+
+def _run_pool(shared, opts, todo, paths, num_words, jobs) -> Iterator[tuple[int, ChipResult]]:
+    """Local worker processes; at most 2 x jobs chips in flight, results as they finish."""
+    ctx = multiprocessing.get_context("spawn")  # fork would copy onnxruntime's thread pools
+    with futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(shared, opts)) as pool:
+        queue = iter(todo)
+        running = {}
+        for i in itertools.islice(queue, 2 * jobs):
+            running[pool.submit(_one_chip, str(paths[i]), num_words)] = i
+        while running:
+            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for fut in sorted(done, key=running.get):
+                i = running.pop(fut)
+                yield i, fut.result()
+                for j in itertools.islice(queue, 1):
+                    running[pool.submit(_one_chip, str(paths[j]), num_words)] = j
+
+
+def _run_dask(client, shared, opts, todo, paths, num_words, token) -> Iterator[tuple[int, ChipResult]]:
+    """Chips as Dask tasks: the shared work is sent to every worker once, each map is read here
+    only when its task is submitted, at most 2 x workers in flight. A worker that dies costs
+    only its tasks, which the scheduler runs again elsewhere."""
+    from distributed import as_completed  # the optional extra: only imported when --cluster is used
+
+    shared_f = client.scatter(shared, broadcast=True, hash=False)
+    limit = 2 * worker_count(client)
+    queue = iter(todo)
+    run = uuid.uuid4().hex[:12]  # task keys unique to this run: a scheduler may outlive many runs
+
+    def submit(i):
+        data = read_input(paths[i], "a fault map")
+        return client.submit(_dask_chip, shared_f, opts, token, data, str(paths[i]), num_words,
+                             key=f"harden-chip-{run}-{i}", pure=False, retries=2)
+
+    index = {}
+    pending = as_completed()
+    for i in itertools.islice(queue, limit):
+        fut = submit(i)
+        index[fut.key] = i
+        pending.add(fut)
+    for fut in pending:
+        if fut.key not in index:  # as_completed may hand a recomputed future over twice
+            continue
+        i = index.pop(fut.key)
+        result = fut.result()
+        del fut  # the client drops the key once no future refers to it
+        yield i, result
+        for j in itertools.islice(queue, 1):
+            nxt = submit(j)
+            index[nxt.key] = j
+            pending.add(nxt)
+
+
+# --- the journal: chips recorded as they finish, so a rerun resumes -----------------------------
+
+JOURNAL_DIR = ".harden-fleet"
+
+
+class Journal:
+    """One JSON record per finished chip in `<out>/.harden-fleet/`, written atomically after the
+    chip's model. A record counts on a rerun only when its key (the run's inputs and options and
+    this map's hash) matches and the model file beside it still has the recorded hash."""
+
+    def __init__(self, out_dir: Path, run_key: str, write: bool):
+        self.dir = out_dir / JOURNAL_DIR
+        self.run_key = run_key
+        self.write = write
+        if write:
+            with output_errors(self.dir):
+                self.dir.mkdir(exist_ok=True)
+
+    def key(self, map_sha: str) -> str:
+        return hashlib.sha256(f"{self.run_key}:{map_sha}".encode()).hexdigest()
+
+    def load(self, name: str, map_sha: str, output: Path) -> dict | None:
+        """The chip's record when it is complete and matches; else None (the chip runs again)."""
+        path = self.dir / f"{name}.json"
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            if rec.get("key") != self.key(map_sha):
+                return None
+            if sha256_of(output) != rec["output_sha256"]:
+                return None
+            return rec["chip"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record(self, name: str, map_sha: str, model_bytes: bytes, output: Path, chip: dict) -> None:
+        """Write the chip's model, then its record (each atomically: a crash between the two
+        leaves a model without a record, which a rerun simply redoes)."""
+        if not self.write:
+            return
+        atomic_write_bytes(output, model_bytes)
+        rec = {"key": self.key(map_sha), "output_sha256": hashlib.sha256(model_bytes).hexdigest(), "chip": chip}
+        atomic_write_text(self.dir / f"{name}.json", json.dumps(rec, indent=1) + "\n")
+
+
+def _run_key(model_path, data_path, eval_data_path, opts: ApplyOptions) -> str:
+    """What a chip's result depends on besides its map: the inputs' hashes, options, version."""
+    doc = {"model": sha256_of(model_path), "data": sha256_of(data_path),
+           "eval": sha256_of(eval_data_path) if eval_data_path else None,
+           "options": asdict(opts), "version": __version__}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _chip_record(name: str, path: Path, out: Path, result: ChipResult) -> dict:
+    _, records, res, fm_summary, secs = result
+    return {
+        "chip": name,
+        "faultmap": {"path": str(path), "chip_id": fm_summary["chip_id"], "rate": fm_summary["rate"],
+                     "faulty_cells": fm_summary["faulty_cells"], "num_words": fm_summary["num_words"], "crc32": fm_summary["crc32"]},
+        "accuracy": res["accuracy"],
+        "recovery": res["recovery"],
+        "output": str(out),
+        "seconds": round(secs, 4),
+        "faq": next((r for r in records if r["pass"] == "faq"), {}).get("timings"),
+    }
 
 
 def apply_fleet(
@@ -105,24 +250,42 @@ def apply_fleet(
     progress: Callable[[str], None] | None = None,
     on_chip: Callable[[str], None] | None = None,
     write: bool = True,
+    cluster: str | None = None,
 ) -> dict:
-    """Harden `model_path` for every chip; write `<output_dir>/<chip>.onnx`; return the report."""
+    """Harden `model_path` for every chip; write `<output_dir>/<chip>.onnx`; return the report.
+
+    Streamed: maps are checked up front without being kept, each chip's model is written as
+    soon as it is done, so memory stays at a few models and maps whatever the fleet's size.
+    Resumable: a rerun of the same inputs skips the chips already written (`Journal`), and its
+    report equals an uninterrupted run's apart from timings. `cluster`: a Dask address
+    ('local', 'tcp://host:8786'; cluster.py), else local worker processes (`jobs`).
+    """
     opts = options or ApplyOptions()
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
+    address = cluster_address(cluster)
+    if address is not None:
+        require_distributed()
     paths = expand_faultmaps(faultmap_paths)
     out_dir = Path(output_dir) if output_dir is not None else Path(model_path).with_name(f"{Path(model_path).stem}.hardened")
-    maps = [read_chip(p, None) for p in paths]  # every HFM1 map checked before any work
     layout = get_layout(opts.layout) if opts.layout else None
-    for fm in maps:
+    ids, map_shas = [], []
+    for p in paths:  # every HFM1 map checked before any work, none kept
+        fm = read_chip(p, None)
         if layout is not None and fm is not None:
             layout.check(fm.num_words)
-    names = chip_names(maps, paths)
+        ids.append(fm)
+        map_shas.append(sha256_of(p))
+        if fm is not None:
+            ids[-1] = _IdOnly(fm.chip_id)
+        del fm
+    names = chip_names(ids, paths)
     outputs = [out_dir / f"{n}.onnx" for n in names]
     if write:
         if out_dir.exists() and not out_dir.is_dir():
             raise InputError(f"output folder {out_dir} is a file")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with output_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
         check_outputs([*outputs, *([report_path] if report_path else [])], [model_path, data_path, eval_data_path, *paths])
 
     say("load")
@@ -136,44 +299,35 @@ def apply_fleet(
     shared.ctx.progress = None  # workers receive the context; a closure does not travel
     shared.records.append({"pass": "shared-stats", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
+    run_key = _run_key(model_path, data_path, eval_data_path, opts)
+    journal = Journal(out_dir, run_key, write)
+    chips: list[dict | None] = [journal.load(n, m, o) if write else None for n, m, o in zip(names, map_shas, outputs)]
+    todo = [i for i, c in enumerate(chips) if c is None]
+    if len(todo) < len(paths):
+        say(f"resuming: {len(paths) - len(todo)} of {len(paths)} chips already done")
+
     csv_words = shared.num_words if layout is None else layout.words_needed(model_layout_tensors(shared.plain))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(paths)))
-    say(f"{len(paths)} chips on {jobs} worker(s)")
-    chips = []
     t_chips = time.perf_counter()
-    if jobs == 1:
-        _init_worker(shared, opts)
-        _WORKER["evaluator"] = shared_evaluator
-        results_iter = (_one_chip(str(p), csv_words) for p in paths)
-        results = []
-        for r in results_iter:
-            results.append(r)
+    with contextlib.ExitStack() as stack:
+        if address is not None:
+            client = stack.enter_context(connect(address))
+            say(f"{len(todo)} chips on the Dask cluster {address}")
+            stream = _run_dask(client, shared, opts, todo, paths, csv_words, run_key)
+        elif jobs == 1 or len(todo) <= 1:
+            say(f"{len(todo)} chips in this process")
+            stream = _run_inline(shared, opts, shared_evaluator, todo, paths, csv_words)
+        else:
+            say(f"{len(todo)} chips on {jobs} worker(s)")
+            stream = _run_pool(shared, opts, todo, paths, csv_words, jobs)
+        for i, result in stream:
+            chips[i] = _chip_record(names[i], paths[i], outputs[i], result)
+            journal.record(names[i], map_shas[i], result[0], outputs[i], chips[i])
             if on_chip:
-                on_chip(names[len(results) - 1])
-    else:
-        ctx = multiprocessing.get_context("spawn")  # fork would copy onnxruntime's thread pools
-        with futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(shared, opts)) as pool:
-            pending = [pool.submit(_one_chip, str(p), csv_words) for p in paths]
-            results = []
-            for name, fut in zip(names, pending):
-                results.append(fut.result())
-                if on_chip:
-                    on_chip(name)
+                on_chip(names[i])
     chip_seconds = time.perf_counter() - t_chips
+    done = [c for c in chips if c is not None]
 
-    files = []
-    for name, path, out, (model_bytes, records, res, fm_summary, secs) in zip(names, paths, outputs, results):
-        chips.append({
-            "chip": name,
-            "faultmap": {"path": str(path), "chip_id": fm_summary["chip_id"], "rate": fm_summary["rate"],
-                         "faulty_cells": fm_summary["faulty_cells"], "num_words": fm_summary["num_words"], "crc32": fm_summary["crc32"]},
-            "accuracy": res["accuracy"],
-            "recovery": res["recovery"],
-            "output": str(out),
-            "seconds": round(secs, 4),
-            "faq": next((r for r in records if r["pass"] == "faq"), {}).get("timings"),
-        })
-        files.append((out, model_bytes))
     report = {
         "schema": REPORT_SCHEMA,
         "harden_version": __version__,
@@ -189,17 +343,24 @@ def apply_fleet(
         "passes": shared.records,
         "arithmetic": arithmetic.describe(),
         "host_onnxruntime": fused_host_record(shared.plain, evald, shared_evaluator.reference.target, shared_evaluator.logits()),
-        "chips": chips,
-        "fleet": fleet_summary(chips, yield_at),
+        "chips": done,
+        "fleet": fleet_summary(done, yield_at),
         "timings": {"shared": round(t_chips - started, 3), "chips": round(chip_seconds, 3),
-                    "per_chip": round(chip_seconds / len(paths), 4)},
+                    "per_chip": round(chip_seconds / max(len(todo), 1), 4), "resumed_chips": len(paths) - len(todo)},
     }
+    if address is not None:
+        report["cluster"] = {"address": address}
     report["seconds"] = round(time.perf_counter() - started, 3)
-    if write:
-        if report_path:
-            files.append((Path(report_path), to_json(report).encode("utf-8")))
-        atomic_write_many(files)
+    if write and report_path:
+        atomic_write_text(report_path, to_json(report))
     return report
+
+
+class _IdOnly:
+    """What chip_names needs of a map (its chip_id), without keeping the map."""
+
+    def __init__(self, chip_id):
+        self.chip_id = chip_id
 
 
 def fleet_summary(chips: list[dict], yield_at: float | None) -> dict:

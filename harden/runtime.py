@@ -13,6 +13,15 @@ from .data import Dataset
 from .errors import InputError
 
 
+_THREADS: int | None = None  # onnxruntime intra-op threads; None: onnxruntime's default (all cores)
+
+
+def set_session_threads(threads: int | None) -> None:
+    """Threads for the sessions this process builds from now on (a Dask worker sets 1)."""
+    global _THREADS
+    _THREADS = threads
+
+
 def session(model: onnx.ModelProto, *, optimize: bool = True, host_fused: bool = False) -> ort.InferenceSession:
     """A CPU session for an in-memory model that computes what the chip computes.
 
@@ -24,7 +33,7 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, host_fused: bool =
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
     else:
-        opts = session_options(optimize=optimize)
+        opts = session_options(optimize=optimize, threads=_THREADS)
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

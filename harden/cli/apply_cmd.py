@@ -24,7 +24,7 @@ from ._training import training_fields, training_options
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name, optional 'label').")
 @click.option("-o", "--output", type=click.Path(), help="Hardened model path (a folder for a fleet). Default: MODEL.hardened.onnx (MODEL.hardened/) beside MODEL.")
 @click.option("--report", "report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out data for the accuracy figures (default: --data).")
+@click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out data for the accuracy figures (default: every 4th sample of --data, held out of all fitting).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for everything random.")
 @click.option("--clip/--no-clip", default=True, show_default=True, help="Hybrid clipped activations.")
 @click.option("--clip-style", type=click.Choice(["zero", "saturate"]), default="zero", show_default=True)
@@ -42,12 +42,15 @@ from ._training import training_fields, training_options
 @click.option("--layout", metavar="NAME[:K=V,...]", help="Memory layout plugin (default linear), e.g. tiled:rows=128,cols=128.")
 @click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the self-contained HTML report here (needs harden[report]).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Fleet: worker processes for the per-chip work (default: one per core).")
+@click.option("--cluster", envvar="HARDEN_CLUSTER", metavar="ADDRESS", default=None,
+              help="Fleet: run the chips on a Dask cluster: 'local' (one worker per core) or a scheduler such as "
+                   "tcp://host:8786 (env HARDEN_CLUSTER; needs harden[distributed]).")
 @click.option("--yield-at", type=click.FloatRange(0, 1), default=None, help="Fleet: report the share of chips at or above this accuracy (default: fault-free int8 - 0.02).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
 @training_options
 @quiet_option
 def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, layout, html, jobs, yield_at, as_json, quiet,
+                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, layout, html, jobs, cluster, yield_at, as_json, quiet,
                   **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
@@ -82,7 +85,7 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
     if show_progress(quiet):
         progress = lambda stage: click.echo(f"  ... {stage}", err=True)  # noqa: E731
     if len(faultmaps) > 1 or Path(faultmaps[0]).is_dir():
-        _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, yield_at, summary_md, html, min_accuracy, max_drop,
+        _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, cluster, yield_at, summary_md, html, min_accuracy, max_drop,
                      as_json, quiet, progress)
         return
     faultmap = faultmaps[0]
@@ -114,7 +117,7 @@ def check_gates(report: dict, min_accuracy: float | None, max_drop: float | None
             raise GateFailed(gate["message"])
 
 
-def _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, yield_at, summary_md, html, min_accuracy, max_drop,
+def _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, cluster, yield_at, summary_md, html, min_accuracy, max_drop,
                  as_json, quiet, progress) -> None:
     """Fleet mode: one model per chip in the -o folder, one report for the fleet."""
     from ..fleet import apply_fleet
@@ -123,7 +126,7 @@ def _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, 
         raise InputError("--summary-md and --html are written for one chip; for a fleet use --report and the fleet table")
     on_chip = (lambda name: click.echo(f"  ... {name} done", err=True)) if progress else None
     rep = apply_fleet(model, faultmaps, data, output, report_path=report, eval_data_path=eval_data, options=opts,
-                      jobs=jobs, yield_at=yield_at, progress=progress, on_chip=on_chip)
+                      jobs=jobs, yield_at=yield_at, progress=progress, on_chip=on_chip, cluster=cluster)
     if as_json:
         sys.stdout.write(to_json(rep))
     elif not quiet:

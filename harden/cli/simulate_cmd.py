@@ -64,9 +64,12 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
 @click.option("--html", "html", type=click.Path(dir_okay=False),
               help="Also write the report as a self-contained HTML page here (needs harden[report]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
+@click.option("--cluster", envvar="HARDEN_CLUSTER", metavar="ADDRESS", default=None,
+              help="Run blocks of trials on a Dask cluster: 'local' (one worker per core) or a scheduler such as "
+                   "tcp://host:8786 (env HARDEN_CLUSTER; needs harden[distributed]). Same figures as without it.")
 @quiet_option
 def simulate_command(model, data, faults, faultmaps, trials, margin, confidence, seed, per_layer, diagnostics, rho,
-                     show_trial, min_accuracy, max_drop, report, html, as_json, quiet):
+                     show_trial, min_accuracy, max_drop, report, html, as_json, cluster, quiet):
     """Fault-injection campaign on an int8 QDQ MODEL (or a float MODEL under bitflip-fp32),
     measured with onnxruntime.
 
@@ -143,7 +146,7 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
     try:
         result = simulate(model, data, faults, faultmaps, opts, per_layer=per_layer, diagnostics=diagnostics,
                           rho=0.05 if rho is None else rho,
-                          progress=progress, on_start=on_start, show_trial=trial, gates=gates)
+                          progress=progress, on_start=on_start, show_trial=trial, gates=gates, cluster=cluster)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
