@@ -48,8 +48,18 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .cluster import cluster_address, connect, require_distributed, worker_cached, worker_count
+from .cluster import (
+    LOST_TASK_RETRIES,
+    SharedData,
+    cluster_address,
+    connect,
+    is_lost_task,
+    require_distributed,
+    worker_cached,
+    worker_count,
+)
 from .data import NAN_CLASS, Dataset, load_npz
+from .diagnostics import diagnose
 from .errors import InputError
 from .faults import (
     ActivationEvaluator,
@@ -62,10 +72,12 @@ from .faults import (
     parse_fault_spec,
 )
 from .faults.fp32 import FP32_KIND, FloatWeightEvaluator, float_space, fp32_model
+from .faults.variability import AnalogEvaluator
+from .fileio import sha256_of
 from .gates import PointGate, check_point_gates, point_gate_results
 from .model import is_qdq_int8, load_model
 from .report import REPORT_SCHEMA
-from .simulate import ChipEvaluator, Reference
+from .simulate import ChipEvaluator, Reference, model_values
 from .stats import leveugle_n, summarize, wilson
 
 DEFAULT_TRIALS = 100
@@ -224,7 +236,7 @@ class Campaign:
     @staticmethod
     def kind_of(model: FaultModel) -> str:
         """The session a fault model runs on: "weights" (the default) or a SESSION_KINDS key."""
-        return getattr(model, "space_kind", "weights")
+        return model.space_kind
 
     @classmethod
     def is_activation(cls, model: FaultModel) -> bool:
@@ -237,7 +249,7 @@ class Campaign:
     @staticmethod
     def precision_of(model: FaultModel) -> str:
         """The model precision a fault model needs: "int8" (the default) or "float"."""
-        return getattr(model, "precision", "int8")
+        return model.precision
 
     def session(self, kind: str):
         """The side session of `kind` (built on first use) and its clean baseline. Labels (or a
@@ -275,9 +287,9 @@ class Campaign:
         """Append one point per tensor `base` can hit, each `base` restricted to that tensor."""
         if self.per_layer is not None:
             raise InputError("the campaign already has per-layer points")
-        if not (callable(getattr(base, "targets", None)) and callable(getattr(base, "restricted", None))):
-            raise InputError(f"--per-layer: fault model {getattr(base, 'name', base)!r} cannot be restricted to one tensor")
-        if getattr(base, "params", None) is not None and getattr(base.params, "tensors", None) is not None:
+        if not base.restrictable:
+            raise InputError(f"--per-layer: fault model {base.name!r} cannot be restricted to one tensor")
+        if base.restriction is not None:
             raise InputError("--per-layer takes an unrestricted fault model (it restricts it to each tensor in turn)")
         check_precision([base], self.precision, "--per-layer")
         space = self.space_of(base)
@@ -596,24 +608,36 @@ class TrialExecutor:
 
 
 class DaskTrials(TrialExecutor):
-    """Trials as Dask tasks: (point, block of trials) per task, the recipe sent once."""
+    """Trials as Dask tasks: (point, block of trials) per task, the recipe sent once. A block
+    whose worker was lost is submitted again (cluster.is_lost_task): trials are re-derivable,
+    so the figures do not change."""
 
     def __init__(self, client, campaign: "Campaign"):
         self.client = client
         self.parallelism = worker_count(client)
         self.token = hashlib.sha256(campaign.model.SerializeToString() + repr((campaign.seed, [p.label for p in campaign.points])).encode()).hexdigest()
-        self.recipe = client.scatter(campaign.recipe(), broadcast=True, hash=False)
+        self.recipe = SharedData(client, campaign.recipe())
         self.run_id = uuid.uuid4().hex[:12]  # task keys unique to this run
+
+    def _submit(self, point: int, a: int, b: int, attempt: int):
+        return self.client.submit(_trial_block, self.recipe.refresh(), self.token, point, a, b, pure=False, retries=2,
+                                  key=f"harden-trials-{self.run_id}-{point}-{a}-{b}-{attempt}")
 
     def run(self, campaign: "Campaign", point: int, start: int, stop: int) -> list[TrialResult]:
         blocks = max(1, min(stop - start, 2 * self.parallelism))
         edges = np.linspace(start, stop, blocks + 1).round().astype(int)
-        futs = [self.client.submit(_trial_block, self.recipe, self.token, point, int(a), int(b), pure=False, retries=2,
-                                   key=f"harden-trials-{self.run_id}-{point}-{a}-{b}")
-                for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        spans = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        futs = [self._submit(point, a, b, 0) for a, b in spans]
         rows: list[TrialResult] = []
-        for block in self.client.gather(futs):
-            rows += block
+        for (a, b), fut in zip(spans, futs):
+            for attempt in range(1, LOST_TASK_RETRIES + 2):
+                try:
+                    rows += fut.result()
+                    break
+                except Exception as exc:
+                    if not is_lost_task(exc) or attempt > LOST_TASK_RETRIES:
+                        raise
+                    fut = self._submit(point, a, b, attempt)
         return rows
 
 
@@ -624,7 +648,6 @@ def _trial_block(recipe: CampaignRecipe, token: str, point: int, start: int, sto
 
 
 def _analog_session(model: onnx.ModelProto, data: Dataset):
-    from .faults.variability import AnalogEvaluator
 
     return AnalogEvaluator(model, data)
 
@@ -646,7 +669,7 @@ def check_precision(points: Sequence[FaultModel], precision: str, what: str = ""
     model, float ones (bitflip-fp32) a float model."""
     where = f"{model_name}: " if model_name else ""
     for p in points:
-        need = getattr(p, "precision", "int8")
+        need = p.precision
         if need == precision:
             continue
         label = f"{what} {p.label}" if what else p.label
@@ -679,20 +702,19 @@ def describe_trial(
         if len(models) != 1:
             raise InputError(f"{fault!r} names {len(models)} points; give one")
         fault = models[0]
-    if isinstance(model, ActivationSpace) or getattr(fault, "space_kind", "weights") == "activations":
+    if isinstance(model, ActivationSpace) or fault.space_kind == "activations":
         if not isinstance(model, ActivationSpace):
             raise InputError(f"{fault.label}: activation faults are drawn over a data set; pass the campaign's act_space")
         fault.check(model)
         faults = fault.sample(trial_rng(seed, point, trial), model).faults(None)
         return [f._replace(changes=True) if f.kind == "flip" else f for f in faults]
-    if getattr(fault, "space_kind", "weights") == FP32_KIND:
+    if fault.space_kind == FP32_KIND:
         space = model if isinstance(model, WeightSpace) else float_space(fp32_model(model)[0])
         fault.check(space)
         return [f._replace(changes=True) for f in fault.sample(trial_rng(seed, point, trial), space).faults(None)]
     if isinstance(model, WeightSpace):
         space, values = model, None
     else:
-        from .simulate import model_values
 
         space = WeightSpace.from_model(model)
         values = model_values(model, [t.name for t in space.weights + space.biases])
@@ -802,8 +824,6 @@ def simulate(
     only (bitflip-fp32). `cluster`: a Dask address ('local', 'tcp://host:8786', else
     $HARDEN_CLUSTER; cluster.py): blocks of trials run on its workers, with the same figures.
     """
-    from .pipeline import sha256_of
-
     started = time.perf_counter()
     address = cluster_address(cluster)
     if address is not None:
@@ -876,7 +896,6 @@ def simulate(
         key = "activation_faults" if kind == "activations" else kind
         report[key] = campaign.session_record(kind)
     if diagnostics:
-        from .diagnostics import diagnose
 
         t0 = time.perf_counter()
         report["diagnostics"] = diagnose(model, data, rho=rho, samples=sharpness_samples, seed=opts.seed,
@@ -895,14 +914,7 @@ def _figure(s95, s_c, deterministic: bool) -> dict:
 
 
 def _describe(m: FaultModel) -> dict:
-    describe = getattr(m, "describe", None)
-    if callable(describe):
-        return describe()
-    params = m.params
-    try:
-        return {"name": m.name, **asdict(params)}
-    except TypeError:
-        return {"name": m.name}
+    return m.describe()
 
 
 def _is_int(x: object) -> bool:

@@ -98,3 +98,36 @@ def worker_cached(token: str, build) -> Any:
         set_session_threads(1)  # one onnxruntime thread per single-threaded Dask worker
         _WORKER_CACHE[token] = build()
     return _WORKER_CACHE[token]
+
+
+#: How often a task whose worker was lost is submitted again before the run gives up.
+LOST_TASK_RETRIES = 3
+
+
+def is_lost_task(exc: BaseException) -> bool:
+    """Whether a task failed because of the cluster (its worker died, its inputs were lost
+    with it, the scheduler dropped it), not because of the work: such a task is run again."""
+    from concurrent.futures import CancelledError
+
+    try:
+        from distributed import KilledWorker
+        from distributed.client import FutureCancelledError
+    except ImportError:  # an older distributed
+        from distributed.scheduler import KilledWorker
+
+        FutureCancelledError = CancelledError
+    return isinstance(exc, (KilledWorker, FutureCancelledError, CancelledError))
+
+
+class SharedData:
+    """Data sent to every worker once (`client.scatter(broadcast=True)`), sent again if the
+    cluster loses every copy (all the workers that held it died)."""
+
+    def __init__(self, client: Any, value: Any):
+        self.client, self.value = client, value
+        self.future = client.scatter(value, broadcast=True, hash=False)
+
+    def refresh(self) -> Any:
+        if self.future.status != "finished":
+            self.future = self.client.scatter(self.value, broadcast=True, hash=False)
+        return self.future

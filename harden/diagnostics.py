@@ -26,6 +26,7 @@ import onnx
 from .data import Dataset, load_npz
 from .errors import InputError
 from .model import WEIGHT_OPS, load_model, qdq_weights
+from .runtime import capture
 from .simulate import ChipEvaluator, Reference
 from .stats import summarize
 
@@ -80,7 +81,6 @@ def activation_sparsity(
     over the data set. A float model works too (the weight-op inputs are then whatever feeds
     them through a DequantizeLinear; with none, only ReLU outputs are measured).
     """
-    from .runtime import capture
 
     m = _model(model)
     ds = _data(data, m)

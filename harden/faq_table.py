@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 NUM_BINS = 512  # half-step bins covering code units [-128, 128)
 _CODES = np.arange(256, dtype=np.uint8)
 _BLOCK = 1 << 18  # weights per block: temporaries of a few MiB, cache-resident

@@ -310,6 +310,17 @@ def write_faultmap(fm: FaultMap, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, to_bytes(fm))
 
 
+def is_csv_map(path: str | os.PathLike) -> bool:
+    """Whether the file is a CSV map (read once the memory size is known); anything unreadable
+    is not, so that read_faultmap produces the error message."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.read(64).split(b"\n", 1)[0]
+    except OSError:
+        return False
+    return first.strip().removeprefix(b"\xef\xbb\xbf") == CSV_HEADER.encode()
+
+
 def read_faultmap(path: str | os.PathLike, num_words: int | None = None) -> FaultMap:
     """Read an HFM1 file, or a CSV (`address,bit,stuck`; needs num_words), by its content."""
     return faultmap_from_bytes(read_input(path, "a fault map"), str(path), num_words)

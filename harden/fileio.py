@@ -9,6 +9,7 @@ SIGTERM held back (`atomic_write_many`), so an interrupt leaves either all of th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import tempfile
@@ -153,3 +154,19 @@ def _atomic_write_many(items: list[tuple[str | os.PathLike, bytes]]) -> None:
         for tmp_path, _ in pending:
             with contextlib.suppress(FileNotFoundError):
                 tmp_path.unlink()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (reports record every input by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike | None) -> dict:
+    """`{path, sha256}` of an input file, the way reports name their inputs ({} for none)."""
+    if path is None:
+        return {}
+    return {"path": str(path), "sha256": sha256_of(path)}

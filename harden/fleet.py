@@ -28,24 +28,31 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import __version__, arithmetic
-from .cluster import cluster_address, connect, require_distributed, worker_cached, worker_count
+from .cluster import (
+    LOST_TASK_RETRIES,
+    SharedData,
+    cluster_address,
+    connect,
+    is_lost_task,
+    require_distributed,
+    worker_cached,
+    worker_count,
+)
 from .errors import InputError
 from .faultmap import FaultMap, faultmap_from_bytes
-from .fileio import atomic_write_bytes, atomic_write_text, output_errors, read_input
+from .fileio import atomic_write_bytes, atomic_write_text, file_record, output_errors, read_input, sha256_of
 from .hostcheck import fused_host_record
 from .memory import get_layout, model_layout_tensors
 from .passes.faq import calibration_stats
 from .pipeline import (
     ApplyOptions,
     Shared,
-    _file_record,
     build_shared,
     check_outputs,
     harden_for_chip,
     load_inputs,
     read_chip,
     reference_evaluator,
-    sha256_of,
 )
 from .report import REPORT_SCHEMA, to_json
 
@@ -138,36 +145,43 @@ def _run_pool(shared, opts, todo, paths, num_words, jobs) -> Iterator[tuple[int,
 def _run_dask(client, shared, opts, todo, paths, num_words, token) -> Iterator[tuple[int, ChipResult]]:
     """Chips as Dask tasks: the shared work is sent to every worker once, each map is read here
     only when its task is submitted, at most 2 x workers in flight. A worker that dies costs
-    only its tasks, which the scheduler runs again elsewhere."""
+    only its tasks: the scheduler reruns them elsewhere, and a task it drops with the worker is
+    submitted again (cluster.is_lost_task), so every chip comes back exactly once."""
     from distributed import as_completed  # the optional extra: only imported when --cluster is used
 
-    shared_f = client.scatter(shared, broadcast=True, hash=False)
+    data = SharedData(client, shared)
     limit = 2 * worker_count(client)
     queue = iter(todo)
     run = uuid.uuid4().hex[:12]  # task keys unique to this run: a scheduler may outlive many runs
+    tries: dict[int, int] = {}
 
     def submit(i):
-        data = read_input(paths[i], "a fault map")
-        return client.submit(_dask_chip, shared_f, opts, token, data, str(paths[i]), num_words,
-                             key=f"harden-chip-{run}-{i}", pure=False, retries=2)
-
-    index = {}
-    pending = as_completed()
-    for i in itertools.islice(queue, limit):
-        fut = submit(i)
+        tries[i] = tries.get(i, -1) + 1
+        blob = read_input(paths[i], "a fault map")
+        fut = client.submit(_dask_chip, data.refresh(), opts, token, blob, str(paths[i]), num_words,
+                            key=f"harden-chip-{run}-{i}-{tries[i]}", pure=False, retries=2)
         index[fut.key] = i
         pending.add(fut)
+
+    index: dict[str, int] = {}
+    pending = as_completed()
+    for i in itertools.islice(queue, limit):
+        submit(i)
     for fut in pending:
         if fut.key not in index:  # as_completed may hand a recomputed future over twice
             continue
         i = index.pop(fut.key)
-        result = fut.result()
+        try:
+            result = fut.result()
+        except Exception as exc:
+            if not is_lost_task(exc) or tries[i] >= LOST_TASK_RETRIES:
+                raise
+            submit(i)
+            continue
         del fut  # the client drops the key once no future refers to it
         yield i, result
         for j in itertools.islice(queue, 1):
-            nxt = submit(j)
-            index[nxt.key] = j
-            pending.add(nxt)
+            submit(j)
 
 
 # --- the journal: chips recorded as they finish, so a rerun resumes -----------------------------
@@ -333,8 +347,8 @@ def apply_fleet(
         "harden_version": __version__,
         "command": "apply-fleet",
         "inputs": {
-            "model": _file_record(model_path),
-            "data": {**_file_record(data_path), "samples": len(calib)},
+            "model": file_record(model_path),
+            "data": {**file_record(data_path), "samples": len(calib)},
             "eval_data": eval_record,
             "faultmaps": len(paths),
             "already_int8": shared.already_int8,

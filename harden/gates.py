@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .errors import InputError
+from .faults import parse_fault_spec
 
 #: The gate kinds, as their options name them.
 KINDS = ("min-accuracy", "max-drop")
@@ -105,7 +106,6 @@ class PointGate:
         `all`) unchanged."""
         if self.point == "all" or self.point.partition(":")[0].strip() == "chip":  # chip:ID is no file to read
             return self
-        from .faults import parse_fault_spec
 
         try:
             models = parse_fault_spec(self.point)

@@ -25,7 +25,10 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from . import model as m
+from . import plugins
 from .errors import InputError
+from .plugins import coerce_params, params_dict
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,6 @@ class Layout:
     Params: type = NoParams
 
     def __init__(self, params: Any = None, **kwargs: Any):
-        from .plugins import coerce_params
 
         if params is None:
             params = coerce_params(self.Params, kwargs, f"layout {self.name}")
@@ -219,13 +221,11 @@ class Layout:
 
     @classmethod
     def from_params(cls, given: dict | None = None) -> "Layout":
-        from .plugins import coerce_params
 
         return cls(coerce_params(cls.Params, given, f"layout {cls.name}"))
 
     @property
     def params_dict(self) -> dict:
-        from .plugins import params_dict
 
         return params_dict(self.params)
 
@@ -273,7 +273,6 @@ def get_layout(layout: Any = None) -> Layout:
     Names resolve through entry-point group `harden.layouts`; InputError (exit 2) for an
     unknown name or a bad parameter.
     """
-    from . import plugins
 
     if layout is None:
         return LinearLayout()
@@ -294,7 +293,6 @@ def model_layout_tensors(model) -> list[LayoutTensor]:
     model, else the float weights quantization will make int8 (same order, same shapes)."""
     import onnx
 
-    from . import model as m
 
     weights = m.qdq_weights(model)
     if weights:
@@ -318,7 +316,6 @@ def memory_words(model_path: str | os.PathLike, layout: Any = None) -> int:
     lay = get_layout(layout)
     if isinstance(lay, LinearLayout):
         return weight_count(model_path)
-    from . import model as m
 
     proto = m.load_model(model_path)
     if not m.is_qdq_int8(proto):
@@ -338,7 +335,6 @@ def weight_count(model_path: str | os.PathLike) -> int:
     quantization will turn into int8 tensors (after simplification, so weights made by
     Constant/ConstantOfShape nodes count too).
     """
-    from . import model as m
 
     proto = m.load_model(model_path)
     if m.is_qdq_int8(proto):

@@ -350,3 +350,15 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
     """metadata_props as a dict."""
     return {p.key: p.value for p in model.metadata_props}
+
+
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """Legacy clean-up, onnxsim, and the opset upgrade per-channel QDQ needs."""
+    record: dict = {"opset_in": opset_of(model)}
+    record["initializer_inputs_dropped"] = drop_initializer_inputs(model)
+    nodes_in = len(model.graph.node)
+    model = simplify(model)
+    record["constants_to_initializers"] = constants_to_initializers(model)
+    model = upgrade_opset(model)
+    record.update(nodes_in=nodes_in, nodes_out=len(model.graph.node), opset_out=opset_of(model))
+    return model, record

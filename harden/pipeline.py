@@ -27,24 +27,14 @@ from . import __version__, arithmetic
 from .clip_search import search_clip
 from .data import Dataset, accuracy, load_npz, split_held_out, top1
 from .errors import InputError
-from .faultmap import CSV_HEADER, FaultMap, read_faultmap
+from .faultmap import FaultMap, is_csv_map, read_faultmap
 from .faults import parse_fault_spec
 from .faults.base import WeightSpace
 from .faults.chip import ChipFaults
-from .fileio import atomic_write_many, check_output_path
+from .fileio import atomic_write_many, check_output_path, file_record
 from .hostcheck import fused_host_record
 from .memory import MemoryMap, get_layout, model_layout_tensors
-from .model import (
-    constants_to_initializers,
-    drop_initializer_inputs,
-    get_metadata,
-    is_qdq_int8,
-    load_model,
-    opset_of,
-    qdq_weights,
-    simplify,
-    upgrade_opset,
-)
+from .model import get_metadata, is_qdq_int8, load_model, prepare, qdq_weights
 from .passes import PassContext, run_passes
 from .passes.clip import ClipPass
 from .passes.faq import FAQPass
@@ -94,30 +84,10 @@ class ApplyResult:
     report_path: Path | None = None
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def default_output(model_path: str | os.PathLike) -> Path:
     """model.onnx -> model.hardened.onnx beside it."""
     p = Path(model_path)
     return p.with_name(f"{p.stem}.hardened.onnx")
-
-
-def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """Legacy clean-up, onnxsim, and the opset upgrade per-channel QDQ needs."""
-    record: dict = {"opset_in": opset_of(model)}
-    record["initializer_inputs_dropped"] = drop_initializer_inputs(model)
-    nodes_in = len(model.graph.node)
-    model = simplify(model)
-    record["constants_to_initializers"] = constants_to_initializers(model)
-    model = upgrade_opset(model)
-    record.update(nodes_in=nodes_in, nodes_out=len(model.graph.node), opset_out=opset_of(model))
-    return model, record
 
 
 @dataclass
@@ -237,14 +207,14 @@ def load_inputs(model_path, data_path, eval_data_path) -> tuple[onnx.ModelProto,
     calib = load_npz(data_path, model, role="calibration data")
     if eval_data_path:
         evald = load_npz(eval_data_path, model, role="evaluation data")
-        return model, calib, evald, {**_file_record(eval_data_path), "samples": len(evald)}
+        return model, calib, evald, {**file_record(eval_data_path), "samples": len(evald)}
     calib, evald, record = split_held_out(calib)
     return model, calib, evald, record
 
 
 def read_chip(path: str | os.PathLike, num_words: int | None) -> FaultMap | None:
     """An HFM1 map now; a CSV map only once `num_words` (the model's weight count) is known."""
-    if _is_csv(path):
+    if is_csv_map(path):
         return None if num_words is None else read_faultmap(path, num_words)
     return read_faultmap(path, None)
 
@@ -281,7 +251,7 @@ def apply(
         check_outputs([out_path, *([report_path] if report_path is not None else []), *(extra_outputs or {})], inputs)
     specs = opts.faults if opts.faults is not None else DEFAULT_FAULTS
     points = [m for spec in specs for m in parse_fault_spec(spec)] if opts.trials > 0 else []
-    if any(getattr(p, "precision", "int8") != "int8" for p in points):
+    if any(p.precision != "int8" for p in points):
         raise InputError("apply's campaign runs on the int8 models it builds: use int8 fault models "
                          "(bitflip, bitflip-bias, stuckat, bitflip-act); simulate the float model for bitflip-fp32")
     say("load")
@@ -313,9 +283,9 @@ def apply(
         "harden_version": __version__,
         "command": "apply",
         "inputs": {
-            "model": _file_record(model_path),
-            "faultmap": {**_file_record(faultmap_path), **fm.summary()},
-            "data": {**_file_record(data_path), "samples": len(calib)},
+            "model": file_record(model_path),
+            "faultmap": {**file_record(faultmap_path), **fm.summary()},
+            "data": {**file_record(data_path), "samples": len(calib)},
             "eval_data": eval_record,
             "already_int8": shared.already_int8,
         },
@@ -347,7 +317,7 @@ def fitting_points(points: list, model: onnx.ModelProto, *, explicit: bool) -> t
     space = WeightSpace.from_model(model)
     keep, skipped = [], []
     for p in points:
-        if getattr(p, "space_kind", "weights") != "weights":  # checked against its own session's space
+        if p.space_kind != "weights":  # checked against its own session's space
             keep.append(p)
             continue
         try:
@@ -484,19 +454,3 @@ def training_passes(opts: ApplyOptions, train: Dataset | None) -> list:
         name = "saq" if opts.saq else "variability"
         passes.append(SAQPass(cfg, train, noise, label="--" + name, name=name, variability=var))
     return passes
-
-
-def _is_csv(path: str | os.PathLike) -> bool:
-    """A CSV map (read once the memory size is known); anything else is read and checked now."""
-    try:
-        with open(path, "rb") as fh:
-            first_line = fh.read(64).split(b"\n", 1)[0]
-    except OSError:
-        return False  # let read_faultmap produce the error message
-    return first_line.strip().removeprefix(b"\xef\xbb\xbf") == CSV_HEADER.encode()
-
-
-def _file_record(path: str | os.PathLike | None) -> dict:
-    if path is None:
-        return {}
-    return {"path": str(path), "sha256": sha256_of(path)}

@@ -12,7 +12,6 @@ from .arithmetic import session_options
 from .data import Dataset
 from .errors import InputError
 
-
 _THREADS: int | None = None  # onnxruntime intra-op threads; None: onnxruntime's default (all cores)
 
 

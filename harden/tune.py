@@ -40,6 +40,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
+from .campaign import trial_rng
 from .data import Dataset, load_npz
 from .errors import InputError
 from .faults.variability import (
@@ -51,7 +52,9 @@ from .faults.variability import (
     check_sigma,
     float_values,
 )
-from .model import get_metadata, is_qdq_int8, load_model, save_model, set_metadata
+from .fileio import check_output_path
+from .model import get_initializer, get_metadata, is_qdq_int8, load_model, save_model, set_initializer, set_metadata
+from .stats import summarize
 
 TUNE_METADATA = "harden.tune"
 TUNE_SCHEMA = "harden.tune/1"
@@ -87,7 +90,6 @@ class TuneOptions:
 
 def simulated_chip(evaluator: AnalogEvaluator, sigma_chip: float, sigma_cell: float, seed: int = 0, chip: int = 0) -> AnalogInjection:
     """Trial `chip` of point 0 of `simulate --seed SEED --fault variability:SIGMA_CHIP,SIGMA_CELL`."""
-    from .campaign import trial_rng
 
     model = Variability(VariabilityParams(sigma_chip, sigma_cell))
     model.check(evaluator.space)
@@ -192,7 +194,6 @@ def _scaled_dq(model: onnx.ModelProto, node: onnx.NodeProto, gain: np.ndarray, a
     """Multiply the scale of DequantizeLinear `node` by `gain` (scalar or per channel along
     `axis`); a per-tensor scale becomes per-channel when the gain is. Returns the effective
     per-element multiplier to apply to values that must keep their dequantized value."""
-    from .model import get_initializer
 
     inits = {t.name for t in model.graph.initializer}
     scale = get_initializer(model, node.input[1]).astype(np.float32)
@@ -218,7 +219,6 @@ def _scaled_dq(model: onnx.ModelProto, node: onnx.NodeProto, gain: np.ndarray, a
 def apply_gains(model: onnx.ModelProto, layers: list[AnalogLayer], gains: dict[str, np.ndarray], record: dict | None = None) -> onnx.ModelProto:
     """A copy of `model` with each layer's gain folded into its weight scale and its int32 bias
     (scale x alpha, codes / alpha: the bias keeps its value); `record` goes to `harden.tune`."""
-    from .model import get_initializer, set_initializer
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -276,7 +276,6 @@ def tune(
     """Tune MODEL for one simulated chip from the first `probe_samples` inputs of PROBE, write
     the tuned model atomically to `output`, and return the record (with, given `eval_path`, the
     accuracy of the nominal, untuned and tuned model on that chip)."""
-    from .fileio import check_output_path
 
     started = time.perf_counter()
     options.validate()
@@ -348,7 +347,6 @@ class ChipComparison:
     tuned: np.ndarray
 
     def summary(self) -> dict:
-        from .stats import summarize
 
         u, t = summarize(self.untuned), summarize(self.tuned)
         d = summarize(self.tuned - self.untuned, bounds=(-1.0, 1.0))

@@ -133,13 +133,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harden.faults import Injection, TensorFaults
+from harden.faults import FaultModel, Injection, TensorFaults
 from harden.memory import Layout, linear_layout
 from harden.passes import PassResult
 from harden.patterns import Pattern
 
 
-class MsbStuck:
+class MsbStuck(FaultModel):
     """Bit 7 of the first k weights of every tensor stuck at 1 (`msb:K`)."""
 
     name, deterministic = "msb", True

@@ -315,7 +315,7 @@ def test_cli_table(int8_plain, digits_test_npz, tmp_path):
 def test_registry_takes_new_models(monkeypatch, int8_plain, digits_test_npz):
     from harden import faults
 
-    class MSBStuck:
+    class MSBStuck(faults.FaultModel):
         """Bit 7 of the first k weights of every tensor stuck at 1."""
 
         name, deterministic = "msb", True
@@ -843,3 +843,20 @@ def test_gates_on_a_float_model_and_from_python(residual_cnn, digits_test_npz):
     assert failure_line(g).startswith("gate failed: point bitflip-fp32:1e-05 (#1): lower 95% bound of the accuracy")
     with pytest.raises(InputError, match="no point is labelled"):
         simulate(residual_cnn, digits_test_npz, ["bitflip-fp32:0"], gates=[PointGate("min-accuracy", "bitflip:0.001", 0.5)])
+
+
+def test_a_fault_model_must_subclass_the_base(monkeypatch):
+    """The protocol lives in faults.FaultModel (issue 10): a duck-typed model is refused, once,
+    clearly, instead of failing deep inside a campaign."""
+    from harden import faults
+
+    class Duck:
+        name, deterministic = "duck", True
+
+    monkeypatch.setattr(faults, "_REGISTRY", dict(faults._REGISTRY))
+    register_fault_model("duck", lambda args: [Duck()])
+    with pytest.raises(InputError, match="does not subclass harden.faults.FaultModel"):
+        faults.parse_fault_spec("duck:1")
+    base = faults.FaultModel()
+    assert (base.space_kind, base.precision, base.deterministic, base.restrictable) == ("weights", "int8", False, False)
+    assert faults.BitFlip.from_spec("1e-3")[0].restrictable

@@ -1,34 +1,13 @@
 """The `harden` command line: a thin layer over harden's Python API.
 
 Exit codes: 0 success; 1 a resilience gate was not met; 2 bad usage or invalid input;
-3 an internal error.
+3 an internal error. The group lives in `_group.py`; importing each command module attaches
+its commands to it.
 """
 
 from __future__ import annotations
 
-import click
+from . import apply_cmd, faultmap_cmd, plugins_cmd, report_cmd, simulate_cmd, tune_cmd  # noqa: F401 (they register)
+from ._group import main
 
-from .. import __version__
-from ._common import HardenGroup
-
-
-@click.group(cls=HardenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="harden")
-def main() -> None:
-    """Harden neural networks for accelerators with faulty weight memory.
-
-    \b
-    Typical use:
-      harden faultmap generate --for-model model.onnx --rate 0.04 --seed 1 -o chip.bin
-      harden apply model.onnx --faultmap chip.bin --data calib.npz -o model.hardened.onnx
-
-    Exit codes: 0 ok, 1 resilience gate not met, 2 bad input, 3 internal error.
-    """
-
-
-def _register() -> None:
-    """Attach the command modules; each adds its commands to `main`."""
-    from . import apply_cmd, faultmap_cmd, plugins_cmd, report_cmd, simulate_cmd, tune_cmd  # noqa: F401
-
-
-_register()
+__all__ = ["main"]

@@ -8,11 +8,14 @@ from pathlib import Path
 import click
 
 from ..errors import GateFailed, InputError
+from ..fleet import apply_fleet
 from ..gates import gate_results
+from ..html_report import render_html, require_matplotlib
 from ..pipeline import ApplyOptions, apply
 from ..report import fleet_table, summary_table, to_json
-from . import main
+from ..summary_md import summary_markdown
 from ._common import quiet_option, show_progress
+from ._group import main
 from ._training import training_fields, training_options
 
 
@@ -91,11 +94,9 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
     faultmap = faultmaps[0]
     extra = {}
     if summary_md is not None:
-        from ..summary_md import summary_markdown
 
         extra[summary_md] = lambda rep: summary_markdown(rep, gate_results(rep, min_accuracy, max_drop))
     if html is not None:
-        from ..html_report import render_html, require_matplotlib
 
         require_matplotlib()
         extra[html] = render_html
@@ -120,7 +121,6 @@ def check_gates(report: dict, min_accuracy: float | None, max_drop: float | None
 def _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, cluster, yield_at, summary_md, html, min_accuracy, max_drop,
                  as_json, quiet, progress) -> None:
     """Fleet mode: one model per chip in the -o folder, one report for the fleet."""
-    from ..fleet import apply_fleet
 
     if summary_md is not None or html is not None:
         raise InputError("--summary-md and --html are written for one chip; for a fleet use --report and the fleet table")

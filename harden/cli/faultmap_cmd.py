@@ -9,10 +9,12 @@ from pathlib import Path
 import click
 
 from .. import faultmap as fmap
+from .. import patterns, plugins
 from ..errors import InputError
 from ..fileio import check_output_path
-from . import main
+from ..memory import get_layout, memory_words
 from ._common import echo, quiet_option
+from ._group import main
 
 
 @main.group("faultmap")
@@ -87,8 +89,6 @@ def generate(words: int | None, model: str | None, layout: str | None, rate: flo
       harden faultmap generate --words 65536 --rate 0.01 --pattern clustered --param radius=4 -o burst.bin
       harden faultmap generate --for-model model.onnx --layout tiled:rows=128,cols=128 --rate 0.01 -o pim.bin
     """
-    from .. import patterns, plugins
-    from ..memory import get_layout, memory_words
 
     if (words is None) == (model is None):
         raise InputError("give exactly one of --words N or --for-model MODEL")
@@ -120,7 +120,6 @@ def show(map_path: str, words: int | None, layout: str | None, as_json: bool) ->
       harden faultmap show mbist.csv --words 1048576 --json
       harden faultmap show pim.bin --layout tiled:rows=128,cols=128
     """
-    from ..memory import get_layout
 
     lay = get_layout(layout) if layout is not None else None
     s = fmap.read_faultmap(map_path, num_words=words).summary()

@@ -7,7 +7,7 @@ import json
 import click
 
 from .. import plugins
-from . import main
+from ._group import main
 
 
 @main.command("plugins")

@@ -10,10 +10,12 @@ import click
 
 from ..campaign import CampaignOptions, simulate
 from ..errors import GateFailed, InputError
+from ..fileio import atomic_write_many, check_output_path
 from ..gates import PointGate, failure_line
+from ..html_report import render_html, require_matplotlib
 from ..report import to_json
-from . import main
 from ._common import quiet_option, show_progress
+from ._group import main
 
 
 def _show_trial(text: str | None) -> tuple[int, int] | None:
@@ -120,12 +122,9 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
     if gates and trial is not None:
         raise InputError("--min-accuracy / --max-drop gate a campaign's points; they do not apply to --show-trial")
     if report is not None:
-        from ..fileio import check_output_path
 
         check_output_path(report, model, data, *faultmaps)
     if html is not None:
-        from ..fileio import check_output_path
-        from ..html_report import require_matplotlib
 
         require_matplotlib()
         if report is not None and Path(html).resolve() == Path(report).resolve():
@@ -152,11 +151,9 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
             bar.__exit__(None, None, None)
     outputs = [(report, to_json(result.report).encode("utf-8"))] if report is not None else []
     if html is not None:
-        from ..html_report import render_html
 
         outputs.append((html, render_html(result.report).encode("utf-8")))
     if outputs:
-        from ..fileio import atomic_write_many
 
         atomic_write_many(outputs)  # the JSON and the page together, or neither
     if as_json:

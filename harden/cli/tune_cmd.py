@@ -6,10 +6,11 @@ import sys
 
 import click
 
+from ..fileio import atomic_write_text, check_output_path
 from ..report import to_json
 from ..tune import DEFAULT_PROBE_SAMPLES, GRANULARITIES, TuneOptions, tune
-from . import main
 from ._common import quiet_option
+from ._group import main
 
 
 @main.command("tune")
@@ -52,7 +53,6 @@ def tune_command(model, data, output, sigma_chip, sigma_cell, seed, chip, probe_
           --seed 0 --chip 3 -o model.chip3.onnx
       harden tune model.int8.onnx --data calib.npz --sigma-chip 0.3 --eval test.npz -o tuned.onnx
     """
-    from ..fileio import check_output_path
 
     opts = TuneOptions(sigma_chip, sigma_cell, seed, chip, probe_samples, granularity)
     opts.validate()
@@ -60,7 +60,6 @@ def tune_command(model, data, output, sigma_chip, sigma_cell, seed, chip, probe_
         check_output_path(report, model, data, eval_data, output)
     result = tune(model, data, output, opts, eval_data)
     if report is not None:
-        from ..fileio import atomic_write_text
 
         atomic_write_text(report, to_json(result))
     if as_json:

@@ -99,6 +99,10 @@ def parse_fault_spec(spec: str) -> list[FaultModel]:
     models = list(spec_parser(name)(args))
     if not models:
         raise InputError(f"fault spec {spec!r} gives no campaign point")
+    for m in models:
+        if not isinstance(m, FaultModel):
+            raise InputError(f"fault model {name!r} gives a {type(m).__name__}, which does not subclass "
+                             "harden.faults.FaultModel (the protocol and its defaults, docs/plugins.md)")
     return models
 register_fault_model("bitflip-act", ActivationBitFlip.from_spec)
 

@@ -31,6 +31,8 @@ from onnx import TensorProto, helper
 
 from ..data import Dataset, top1
 from ..errors import InputError
+from ..model import opset_of, upgrade_opset
+from ..runtime import batch_size_for, session
 from .base import (
     Injection,
     ParamsFaultModel,
@@ -124,7 +126,6 @@ def _q_dtype(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
 def probe_sites(model: onnx.ModelProto, data: Dataset) -> tuple[list[Site], list[str]]:
     """The injectable activations with their per-sample shapes, measured on the first samples.
     Also returns the quantized tensors left out (no sample axis first, or not 8-bit)."""
-    from ..runtime import batch_size_for, session
 
     qs = activation_quantizers(model)
     if not qs:
@@ -157,8 +158,6 @@ def probe_sites(model: onnx.ModelProto, data: Dataset) -> tuple[list[Site], list
 
 def rewrite_for_activation_faults(model: onnx.ModelProto, sites: list[Site]) -> onnx.ModelProto:
     """A copy of `model` (opset >= 18) where each site is read through BitwiseXor(site, mask)."""
-    from ..model import opset_of, upgrade_opset
-    from ..runtime import batch_size_for
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -193,7 +192,6 @@ class ActivationEvaluator:
     """
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
-        from ..runtime import batch_size_for, session
 
         sites, self.skipped = probe_sites(model, data)
         if not sites:

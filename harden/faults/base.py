@@ -10,12 +10,13 @@ hit positions are ever drawn or stored; `apply` copies just the tensors that are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, is_dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 
+from ..errors import InputError
 from ..memory import (
     LayoutTensor,
     MemoryMap,
@@ -23,6 +24,7 @@ from ..memory import (
     get_layout,
     linear_layout,
 )
+from ..model import initializer_map, qdq_weights
 
 _UNSIGNED = {
     np.dtype(np.int8): np.dtype(np.uint8),
@@ -76,7 +78,6 @@ class WeightSpace:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> WeightSpace:
-        from ..model import initializer_map, qdq_weights
 
         inits = initializer_map(model)
         table = qdq_weights(model)
@@ -222,33 +223,65 @@ def _popcount(m: np.ndarray) -> int:
     return int(np.unpackbits(np.ascontiguousarray(m).view(np.uint8)).sum(dtype=np.int64))
 
 
-@runtime_checkable
-class FaultModel(Protocol):
-    """A physical fault model. Parameters live in a dataclass (`params`); `name` is the
-    registry name; `label` names one campaign point (e.g. "bitflip:0.001").
+class FaultModel:
+    """The base of every fault model: the whole protocol the campaign uses, with its defaults.
 
-    `deterministic`: every draw is the same (a given chip), so one trial measures it exactly.
-    `check(space)` raises InputError when the model cannot apply (called before any work).
-    `sample(rng, space)` must draw everything from `rng` alone, so that a trial is reproducible
-    from the generator's seed. Optional: `describe() -> dict` for the report (default: `name`
-    and the fields of `params`); `space_kind` ("weights", the default, or "activations": the
-    campaign then hands `sample` an `ActivationSpace` and runs the trial on the activation-fault
-    session); `targets(space)` (the tensors it may hit) and `restricted(names)` (the same model
-    limited to those tensors), which `--per-layer` needs.
+    A subclass sets `name` (the registry name) and implements `sample`; everything else has a
+    default. Parameters live in a dataclass (`params`); `label` names one campaign point
+    (e.g. "bitflip:0.001").
+
+    - `deterministic`: every draw is the same (a given chip), so one trial measures it exactly.
+    - `space_kind`: the session a trial runs on: "weights" (int8 weights and int32 biases, the
+      default), "activations", "analog" or "fp32" (campaign.SESSION_KINDS); the campaign hands
+      `check` and `sample` that session's space.
+    - `precision`: the model it needs: "int8" (an int8 QDQ model, the default) or "float".
+    - `check(space)` raises InputError when the model cannot apply (called before any work).
+    - `sample(rng, space)` draws everything from `rng` alone, so that a trial is reproducible
+      from the generator's seed.
+    - `describe()` is the report's record (default: `name` and the fields of `params`).
+    - `targets(space)` (the tensors it may hit) and `restricted(names)` (the same model limited
+      to those tensors) make `--per-layer` possible; `restrictable` says whether both exist.
     """
 
-    name: str
-    deterministic: bool
+    name: str = "fault"
+    deterministic: bool = False
+    space_kind: str = "weights"
+    precision: str = "int8"
 
     @property
-    def label(self) -> str: ...
+    def label(self) -> str:
+        return self.name
 
     @property
-    def params(self) -> Any: ...
+    def params(self) -> Any:
+        return None
 
-    def check(self, space: WeightSpace) -> None: ...
+    def check(self, space: WeightSpace) -> None:
+        """Raise InputError when this model cannot apply to `space` (default: it always can)."""
 
-    def sample(self, rng: np.random.Generator, space: WeightSpace) -> Injection: ...
+    def sample(self, rng: np.random.Generator, space: WeightSpace) -> Injection:
+        raise NotImplementedError(f"fault model {self.name!r} does not implement sample(rng, space)")
+
+    def describe(self) -> dict:
+        params = self.params
+        return {"name": self.name, **(asdict(params) if is_dataclass(params) else {})}
+
+    def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
+        """The tensors this model may hit (default: every int8 weight tensor)."""
+        return space.weights
+
+    @property
+    def restrictable(self) -> bool:
+        """Whether `restricted` is implemented (and so `--per-layer` can use this model)."""
+        return type(self).restricted is not FaultModel.restricted
+
+    @property
+    def restriction(self) -> tuple[str, ...] | None:
+        """The tensors this model is already limited to (None: unrestricted)."""
+        return None
+
+    def restricted(self, names: tuple[str, ...]) -> "FaultModel":
+        raise InputError(f"--per-layer: fault model {self.name!r} cannot be restricted to one tensor")
 
 
 # --- sparse drawing --------------------------------------------------------------------------
@@ -320,7 +353,6 @@ def select_tensors(
     """The `candidates` named in `names` (all of them when None), in the candidates' own order,
     so that a restriction to every tensor draws exactly what the unrestricted model draws.
     InputError on a name that is not a candidate."""
-    from ..errors import InputError
 
     if names is None:
         return candidates
@@ -335,7 +367,6 @@ def select_tensors(
 
 def check_tensor_names(names, what: str) -> tuple[str, ...] | None:
     """Normalise a `tensors` parameter: None, or a non-empty tuple of distinct names."""
-    from ..errors import InputError
 
     if names is None:
         return None
@@ -359,7 +390,6 @@ def tensors_suffix(names: tuple[str, ...] | None) -> str:
 
 def parse_rates(name: str, args: str, example: str = "1e-4,1e-3") -> list[float]:
     """`1e-4,1e-3` -> [1e-4, 1e-3]; each a probability in [0, 1] (InputError otherwise)."""
-    from ..errors import InputError
 
     if not args.strip():
         raise InputError(f"fault model {name!r} needs one or more rates, e.g. {name}:{example}")
@@ -378,8 +408,6 @@ def parse_rates(name: str, args: str, example: str = "1e-4,1e-3") -> list[float]
 
 def describe_params(name: str, params, **extra) -> dict:
     """A fault model's record for the report: its name and parameters (tensors only if restricted)."""
-    from dataclasses import asdict
-
     d = {"name": name, **asdict(params), **extra}
     if d.get("tensors") is None:
         d.pop("tensors", None)
@@ -388,7 +416,7 @@ def describe_params(name: str, params, **extra) -> dict:
     return d
 
 
-class ParamsFaultModel:
+class ParamsFaultModel(FaultModel):
     """Plumbing shared by the fault models whose parameters are a frozen dataclass with a
     `tensors` restriction: the `params` property, a `NAME:RATE[@tensors]` label, the report
     record (plus `describe_extra`) and `restricted`. Subclasses set `name` and do the physics."""
@@ -409,8 +437,10 @@ class ParamsFaultModel:
     def describe(self) -> dict:
         return describe_params(self.name, self._params, **self.describe_extra)
 
+    @property
+    def restriction(self) -> tuple[str, ...] | None:
+        return self._params.tensors
+
     def restricted(self, names):
         """The same faults limited to the named tensors."""
-        from dataclasses import replace
-
         return type(self)(replace(self._params, tensors=check_tensor_names(names, self.name)))

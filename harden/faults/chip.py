@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..faultmap import CSV_HEADER, FaultMap, read_faultmap
+from ..faultmap import FaultMap, is_csv_map, read_faultmap
 from ..memory import get_layout
 from .base import (
+    FaultModel,
     Injection,
     Tensor,
     TensorFaults,
@@ -43,7 +44,7 @@ class ChipParams:
     layout: str = "linear"
 
 
-class ChipFaults:
+class ChipFaults(FaultModel):
     """The faults of one chip's fault map."""
 
     name = "chip"
@@ -69,7 +70,7 @@ class ChipFaults:
     def from_path(cls, path: str | os.PathLike, layout=None) -> ChipFaults:
         """Read an HFM1 map now (and check it fits `layout`); a CSV map is read by `check`,
         once the memory size is known."""
-        if _is_csv(path):
+        if is_csv_map(path):
             return cls(None, path, layout=layout)
         out = cls(read_faultmap(path), path, layout=layout)
         if out.layout is not None:
@@ -105,6 +106,10 @@ class ChipFaults:
 
     def targets(self, space: WeightSpace) -> tuple[Tensor, ...]:
         return space.weights
+
+    @property
+    def restriction(self) -> tuple[str, ...] | None:
+        return self.tensors
 
     def restricted(self, names) -> ChipFaults:
         """The chip's faults under the named tensors only (the map and the whole chip's
@@ -149,10 +154,3 @@ def chip_injection(fm: FaultMap, space: WeightSpace, layout=None) -> Injection:
     return Injection(tuple(out))
 
 
-def _is_csv(path: str | os.PathLike) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            first = fh.read(64).split(b"\n", 1)[0]
-    except OSError:
-        return False  # read_faultmap produces the error message
-    return first.strip().removeprefix(b"\xef\xbb\xbf") == CSV_HEADER.encode()

@@ -7,7 +7,7 @@ What it hits: the float32 initializers consumed as input 1 of Conv / ConvTranspo
 MatMul (`harden.model.float_weight_names`: the weights a weight memory holds), in order of
 first consumer. They are taken from the model as given when it has such initializers (legacy
 initializer graph inputs dropped first); otherwise (weights made by Constant / ConstantOfShape
-nodes) from `harden.pipeline.prepare`'s copy (onnxsim, Constant -> initializer). Biases and
+nodes) from `harden.model.prepare`'s copy (onnxsim, Constant -> initializer). Biases and
 other float constants are not hit.
 
 Drawing: every bit of every such weight (32 per weight; cell (element e, bit b) of tensor t at
@@ -40,6 +40,9 @@ import onnx
 
 from ..data import Dataset, top1
 from ..errors import InputError
+from ..model import WEIGHT_OPS, drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare
+from ..runtime import batch_size_for, run_batched, session
+from ..simulate import weights_as_inputs
 from .base import (
     Injection,
     ParamsFaultModel,
@@ -60,15 +63,13 @@ FP32_KIND = "fp32"
 def fp32_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """The float model whose weights a trial flips, and whether `prepare` (onnxsim) made it:
     the model as given (a copy, legacy initializer inputs dropped) when it has float weight
-    initializers, else `harden.pipeline.prepare`'s simplified copy."""
-    from ..model import drop_initializer_inputs, float_weight_names
+    initializers, else `harden.model.prepare`'s simplified copy."""
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     drop_initializer_inputs(m)
     if float_weight_names(m):
         return m, False
-    from ..pipeline import prepare
 
     prepared, _ = prepare(m)
     return prepared, True
@@ -77,7 +78,6 @@ def fp32_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 def float_space(model: onnx.ModelProto) -> WeightSpace:
     """The float32 weight tensors of a float model that is ready to run (see `fp32_model`), as
     a WeightSpace of float32 `Tensor`s (kind "weight"), in order of first consumer."""
-    from ..model import float_weight_names, initializer_map
 
     inits = initializer_map(model)
     return WeightSpace(tuple(
@@ -145,9 +145,6 @@ class FloatWeightEvaluator:
     node name) of its first consumer) and `session_info()` for the report."""
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
-        from ..model import WEIGHT_OPS, get_initializer
-        from ..runtime import batch_size_for, session
-        from ..simulate import weights_as_inputs
 
         work, self.prepared = fp32_model(model)
         self.space = float_space(work)
@@ -168,7 +165,6 @@ class FloatWeightEvaluator:
         self.clean = top1(self.clean_logits)
 
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        from ..runtime import run_batched
 
         feeds = self.values if values is None else {**self.values, **values}
         (out,) = run_batched(self.session, self.data, self.batch, [self._output], feeds)

@@ -42,6 +42,8 @@ from onnx import helper
 
 from ..data import Dataset, top1
 from ..errors import InputError
+from ..model import get_initializer, output_channel_axis, qdq_weights
+from ..runtime import batch_size_for, session
 from .base import (
     ParamsFaultModel,
     Tensor,
@@ -264,7 +266,6 @@ def dequantized(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
 
 def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
     """The weight ops of an int8 QDQ model, in forward order (qdq_weights' order)."""
-    from ..model import output_channel_axis, qdq_weights
 
     dq_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     consumers: dict[str, onnx.NodeProto] = {}
@@ -319,7 +320,6 @@ def analog_model(model: onnx.ModelProto, layers: list[AnalogLayer]) -> onnx.Mode
 def float_values(model: onnx.ModelProto, layers: list[AnalogLayer] | None = None) -> dict[str, np.ndarray]:
     """The dequantized float weights (key: int8 weight name) and biases (key: int32 bias name)
     of an int8 QDQ model, as the analog session takes them."""
-    from ..model import get_initializer, qdq_weights
 
     out: dict[str, np.ndarray] = {}
     for w in qdq_weights(model):
@@ -338,7 +338,6 @@ class AnalogEvaluator:
     """
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
-        from ..runtime import batch_size_for, session
 
         self.layers = analog_layers(model)
         if not self.layers:

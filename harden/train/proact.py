@@ -37,9 +37,10 @@ from . import require_torch
 
 torch = require_torch("--clip-train")
 
-from .graph import OnnxModule  # noqa: E402
 from ..runtime import fixed_batch  # noqa: E402
-from .saq import _batch_size, _feeds_of, predict, torch_threads, SMALL_MODEL  # noqa: E402
+from .graph import OnnxModule  # noqa: E402
+from .saq import SMALL_MODEL, _batch_size, _feeds_of, predict, torch_threads  # noqa: E402
+from .saq import _logits as logits
 
 
 @dataclass
@@ -248,6 +249,5 @@ def _train(module, model, layers, bypass, train, val, cfg, on_layer) -> ProActRe
 
 
 def _logits(module: OnnxModule, feeds: dict, batch: int, fixed: int | None) -> "torch.Tensor":
-    from .saq import _logits as logits
 
     return logits(module, feeds, batch, fixed)
