@@ -18,7 +18,7 @@ import onnx
 from .campaign import Campaign, CampaignOptions
 from .data import Dataset
 from .faults import parse_fault_spec
-from .passes import PassContext
+from .passes import Pass, PassContext, PassResult
 from .passes.clip import ClipPass
 from .passes.quantize import QuantizePass
 from .simulate import ChipEvaluator, Reference
@@ -89,3 +89,23 @@ def search_clip(
         "fault": f"bitflip-bias at {list(rates)}", "trials": trials, "tolerance": tolerance, "min_gain": min_gain,
         "candidates": rows, "chosen_percentile": best,
     })
+
+
+class ClipSearchPass(Pass):
+    """The search as a pass: leaves the model alone and the chosen percentile in the context,
+    for the clip pass after it (`ClipPass(percentile=None)`)."""
+
+    name = "clip-search"
+    requires = frozenset({"float"})
+    provides = frozenset({"clip_percentile"})
+
+    def __init__(self, style: str = "zero"):
+        self.style = style
+
+    def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        choice = search_clip(model, ctx.calib, style=self.style, seed=ctx.seed)
+        ctx.clip_percentile = choice.percentile
+        return PassResult(model, False, choice.record)
+
+    def note(self, record: dict) -> str:
+        return f"threshold percentile {record['chosen_percentile']} chosen by {record['fault']} ({len(record['candidates']) - 1} candidates)"

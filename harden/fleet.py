@@ -310,7 +310,6 @@ def apply_fleet(
     shared_evaluator = reference_evaluator(shared)
     if opts.compensation or opts.bias_correction:
         calibration_stats(shared.plain, shared.ctx, opts.calib_samples, opts.compensation)
-    shared.ctx.progress = None  # workers receive the context; a closure does not travel
     shared.records.append({"pass": "shared-stats", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
     run_key = _run_key(model_path, data_path, eval_data_path, opts)
@@ -327,13 +326,13 @@ def apply_fleet(
         if address is not None:
             client = stack.enter_context(connect(address))
             say(f"{len(todo)} chips on the Dask cluster {address}")
-            stream = _run_dask(client, shared, opts, todo, paths, csv_words, run_key)
+            stream = _run_dask(client, shared.for_workers(), opts, todo, paths, csv_words, run_key)
         elif jobs == 1 or len(todo) <= 1:
             say(f"{len(todo)} chips in this process")
             stream = _run_inline(shared, opts, shared_evaluator, todo, paths, csv_words)
         else:
             say(f"{len(todo)} chips on {jobs} worker(s)")
-            stream = _run_pool(shared, opts, todo, paths, csv_words, jobs)
+            stream = _run_pool(shared.for_workers(), opts, todo, paths, csv_words, jobs)
         for i, result in stream:
             chips[i] = _chip_record(names[i], paths[i], outputs[i], result)
             journal.record(names[i], map_shas[i], result[0], outputs[i], chips[i])

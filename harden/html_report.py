@@ -29,7 +29,7 @@ from typing import Any
 from .errors import InputError
 from .fileio import read_input
 from .hostcheck import warning_line
-from .report import REPORT_SCHEMA, _pass_note
+from .report import REPORT_SCHEMA, pass_note
 
 COMMANDS = ("apply", "simulate")
 
@@ -822,7 +822,7 @@ def _passes_section(passes: list[dict], plots: _Plots) -> _H:
     rows = []
     for r in passes:
         try:
-            note = _pass_note(r)
+            note = pass_note(r)
         except (KeyError, TypeError, ValueError):
             note = ""
         if not note:

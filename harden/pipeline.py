@@ -13,18 +13,16 @@ work has succeeded (atomic writes), so a failure never leaves a partial output.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
 import onnx
 
 from . import __version__, arithmetic
-from .clip_search import search_clip
 from .data import Dataset, accuracy, load_npz, split_held_out, top1
 from .errors import InputError
 from .faultmap import FaultMap, is_csv_map, read_faultmap
@@ -34,11 +32,11 @@ from .faults.chip import ChipFaults
 from .fileio import atomic_write_many, check_output_path, file_record
 from .hostcheck import fused_host_record
 from .memory import MemoryMap, get_layout, model_layout_tensors
-from .model import get_metadata, is_qdq_int8, load_model, prepare, qdq_weights
-from .passes import PassContext, run_passes
-from .passes.clip import ClipPass
+from .model import get_metadata, is_qdq_int8, load_model, qdq_weights
+from .options import ApplyOptions
+from .passes import Pass, PassContext, PassManager, Snapshot, rerun_without, resume_point, run_passes, skipped_record
 from .passes.faq import FAQPass
-from .passes.quantize import QuantizePass
+from .plan import ablation_plans, plan
 from .report import REPORT_SCHEMA, to_json
 from .resilience import DEFAULT_FAULTS, measure
 from .simulate import (
@@ -48,30 +46,6 @@ from .simulate import (
     model_values,
     read_through_chip,
 )
-
-
-@dataclass
-class ApplyOptions:
-    """Switches and knobs of `apply`; the defaults are what `harden apply` runs."""
-
-    clip: bool = True
-    clip_style: str = "zero"
-    clip_percentile: float | None = None  # None: chosen by measured resilience (clip_search.py)
-    compensation: bool = True
-    bias_correction: bool = True
-    calib_samples: int = 256
-    seed: int = 0
-    trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
-    faults: tuple[str, ...] | None = None  # None: DEFAULT_FAULTS, less the points the model has nothing for
-    layout: str | None = None  # memory layout plugin, e.g. "tiled:rows=128,cols=128"; None = linear
-    # training (needs torch, `pip install 'harden[train]'`; harden/train/, docs/training.md)
-    saq: bool = False  # sharpness-aware quantization-aware fine-tune between clip and quantize
-    clip_train: bool = False  # ProAct: train the clip thresholds, last layer first
-    variability: tuple[float, float] | None = None  # (sigma_chip, sigma_cell): noise-aware fine-tune
-    train_data: str | None = None  # .npz for the training steps (default: the calibration data)
-    epochs: int | None = None  # None: 5 (--saq), 10 (with --variability)
-    rho: float | None = None  # None: 0.5
-    lr: float | None = None  # None: 1e-3 (--saq), 5e-4 (with --variability)
 
 
 @dataclass
@@ -94,13 +68,14 @@ def default_output(model_path: str | os.PathLike) -> Path:
 class Shared:
     """The chip-independent part of `apply`: done once, whatever the number of chips."""
 
-    float_model: onnx.ModelProto | None  # None when the input was already int8
+    float_model: onnx.ModelProto | None  # the prepared float model; None when the input was already int8
     plain: onnx.ModelProto  # int8 QDQ (clipped), before FAQ
     ctx: PassContext  # calibration data, float weights, FAQ's layer statistics
     evald: Dataset
     records: list[dict]
     num_words: int  # the model's int8 weights: the size of a CSV fault map
-    clipped: tuple[onnx.ModelProto, dict] | None = None  # float model after clip + its quantizer overrides
+    passes: list[Pass] = field(default_factory=list)  # the plan that ran
+    snapshots: list[Snapshot] = field(default_factory=list)  # after each pass, for the ablation
     _reference: tuple | None = None
 
     @property
@@ -114,41 +89,72 @@ class Shared:
             self._reference = (acc if self.float_model is not None else None, ref)
         return self._reference
 
+    def for_workers(self) -> "Shared":
+        """What a chip's worker needs: no snapshots (they serve only the ablation)."""
+        return replace(self, snapshots=[])
+
 
 def build_shared(model: onnx.ModelProto, calib: Dataset, evald: Dataset, opts: ApplyOptions, say: Callable[[str], None],
                  train: Dataset | None = None) -> Shared:
-    """load -> simplify -> clip (search) -> quantize: everything that does not depend on the chip."""
-    records: list[dict] = []
+    """Run the chip-independent plan (plan.py): everything that does not depend on the chip."""
     ctx = PassContext(calib=calib, seed=opts.seed, progress=say)
-    float_model = clipped = None
     if is_qdq_int8(model):
-        qmodel = model
-        records.append({"pass": "quantize", "modified": False, "skipped": "model is already int8 QDQ"})
+        if opts.passes:
+            raise InputError("--pass runs in the plan that builds the int8 model; this model is already int8 QDQ")
+        qmodel, float_model, passes, snaps = model, None, [], []
+        records = [skipped_record("quantize", "model is already int8 QDQ")]
     else:
-        say("simplify")
-        t0 = time.perf_counter()
-        model, prep = prepare(model)
-        records.append({"pass": "simplify", "modified": True, "seconds": round(time.perf_counter() - t0, 4), **prep})
-        float_model = onnx.ModelProto()
-        float_model.CopyFrom(model)
-        percentile = opts.clip_percentile
-        if opts.clip and percentile is None:
-            say("clip search")
-            t0 = time.perf_counter()
-            choice = search_clip(float_model, calib, style=opts.clip_style, seed=opts.seed)
-            records.append({"pass": "clip-search", "modified": False, "seconds": round(time.perf_counter() - t0, 4), **choice.record})
-            percentile = choice.percentile
-        if opts.clip:
-            model, recs = run_passes(model, [ClipPass(opts.clip_style, percentile)], ctx)
-            records += recs
-            clipped = (onnx.ModelProto(), copy.deepcopy(ctx.quant_overrides))
-            clipped[0].CopyFrom(model)
-        qmodel, recs = run_passes(model, training_passes(opts, train) + [QuantizePass()], ctx)
-        records += recs
+        passes = plan(opts, train)
+        # Snapshots: the prepared float model (the float reference), and with a campaign the
+        # points the ablation's variants rerun from.
+        keep = {"simplify"} | ({resume_point(passes, removed) for _, _, removed in ablation_plans(passes) if removed}
+                               if opts.trials > 0 else set())
+        result = PassManager(passes, snapshots=keep).run(model, ctx)
+        qmodel, records, snaps = result.model, result.records, result.snapshots
+        float_model = next(s.model for s in snaps if s.after == "simplify")
     table = qdq_weights(qmodel)
     if not table:
         raise InputError("no int8 Conv/Gemm/MatMul weights to put in weight memory")
-    return Shared(float_model, qmodel, ctx, evald, records, sum(w.size for w in table), clipped)
+    return Shared(float_model, qmodel, ctx, evald, records, sum(w.size for w in table), passes, snaps)
+
+
+def quantize(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    eval_data_path: str | os.PathLike | None = None,
+    options: ApplyOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+    write: bool = True,
+) -> ApplyResult:
+    """The plain int8 model exactly as `apply` builds it before FAQ (the same plan, the same
+    calibration samples: without `eval_data_path`, the part of --data apply fits on), so the
+    baseline can be simulated without hardening for a fault-free map."""
+    opts = options or ApplyOptions()
+    check_training(opts)
+    out_path = Path(output) if output is not None else Path(model_path).with_name(f"{Path(model_path).stem}.int8.onnx")
+    if write:
+        check_outputs([out_path], [model_path, data_path, eval_data_path, opts.train_data])
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    model, calib, evald, eval_record = load_inputs(model_path, data_path, eval_data_path)
+    train = load_npz(opts.train_data, model, role="training data") if opts.train_data else None
+    shared = build_shared(model, calib, evald, replace(opts, trials=0), say, train)
+    report = {
+        "schema": REPORT_SCHEMA, "harden_version": __version__, "command": "quantize",
+        "inputs": {"model": file_record(model_path), "data": {**file_record(data_path), "samples": len(calib)},
+                   "eval_data": eval_record, "already_int8": shared.already_int8},
+        "options": asdict(opts), "passes": shared.records,
+    }
+    result = ApplyResult(shared.plain, report)
+    if write:
+        model_bytes = shared.plain.SerializeToString(deterministic=True)
+        report["output"] = {"model": str(out_path), "sha256": hashlib.sha256(model_bytes).hexdigest()}
+        atomic_write_many([(out_path, model_bytes)])
+        result.output = out_path
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return result
 
 
 def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator: ChipEvaluator | None = None,
@@ -332,26 +338,13 @@ def fitting_points(points: list, model: onnx.ModelProto, *, explicit: bool) -> t
 
 
 def _variants(shared: Shared, hardened: onnx.ModelProto, opts: ApplyOptions) -> list[tuple[str, str | None, onnx.ModelProto]]:
-    """The model after each pass, for the ablation: int8 [-> +clip] [-> +training] -> hardened."""
+    """The model after each pass, for the ablation: int8 [-> +clip] [-> +training] -> hardened,
+    each the plan with passes removed (plan.ablation_plans), rerun from the snapshots."""
     if shared.float_model is None:
         return [("int8", None, shared.plain), ("hardened", "faq", hardened)]
-    variants = [("int8", None, _quantize(shared.float_model, shared, {}, opts))]
-    trained = [r["pass"] for r in shared.records if r["pass"] in TRAINING_PASSES]
-    if shared.clipped is not None and trained:
-        variants.append(("int8+clip", "clip", _quantize(shared.clipped[0], shared, shared.clipped[1], opts)))
-    elif shared.clipped is not None:
-        variants.append(("int8+clip", "clip", shared.plain))
-    if trained:
-        name = "+".join(trained)
-        variants.append((f"{variants[-1][0]}+{name}", name, shared.plain))
+    variants = [(name, added, rerun_without(shared.snapshots, shared.passes, removed) if removed else shared.plain)
+                for name, added, removed in ablation_plans(shared.passes)]
     return [*variants, ("hardened", "faq", hardened)]
-
-
-def _quantize(float_model: onnx.ModelProto, shared: Shared, overrides: dict, opts: ApplyOptions) -> onnx.ModelProto:
-    model = onnx.ModelProto()
-    model.CopyFrom(float_model)
-    ctx = PassContext(calib=shared.ctx.calib, seed=opts.seed, quant_overrides=copy.deepcopy(overrides))
-    return QuantizePass().call(model, ctx).model
 
 
 def reference_evaluator(shared: Shared) -> ChipEvaluator:
@@ -425,32 +418,3 @@ def check_training(opts: ApplyOptions) -> None:
         from .train.variability import check_sigmas
 
         check_sigmas(*opts.variability)
-
-
-TRAINING_PASSES = ("clip-train", "saq", "variability")
-
-
-def training_passes(opts: ApplyOptions, train: Dataset | None) -> list:
-    """The torch passes between clip and quantize (imported lazily: the core never needs torch):
-    clip-train (ProAct), then saq / variability (one fine-tune, with noise when asked)."""
-    passes: list = []
-    if opts.clip_train and opts.clip:
-        from .passes.proact import ProActPass
-        from .train.proact import ProActConfig
-
-        passes.append(ProActPass(ProActConfig(seed=opts.seed), train))
-    if opts.saq or opts.variability is not None:
-        from .passes.saq import SAQPass
-        from .train.saq import SAQConfig
-
-        var = opts.variability
-        noise = None
-        if var is not None:
-            from .train.variability import lognormal_noise
-
-            noise = lognormal_noise(*var)
-        cfg = SAQConfig(epochs=opts.epochs or (10 if var else 5), lr=opts.lr or (5e-4 if var else 1e-3),
-                        rho=0.5 if opts.rho is None else opts.rho, sam=opts.saq, seed=opts.seed)
-        name = "saq" if opts.saq else "variability"
-        passes.append(SAQPass(cfg, train, noise, label="--" + name, name=name, variability=var))
-    return passes

@@ -65,11 +65,19 @@ def summary_table(report: dict) -> str:
             lines.append(f"  left out {sk['point']}: {sk['why']}")
     lines.append("passes:")
     for rec in report["passes"]:
-        lines.append(f"  {rec['pass']:<11} {rec.get('seconds', 0):7.2f}s  {_pass_note(rec)}")
+        lines.append(f"  {rec['pass']:<11} {rec.get('seconds', 0):7.2f}s  {pass_note(rec)}")
     return "\n".join(lines)
 
 
-def _pass_note(rec: dict) -> str:
+def pass_note(rec: dict) -> str:
+    """A pass record's line in a report: the note its pass wrote (passes/__init__.py: each pass
+    describes itself), or for a report written before passes did, the note rebuilt here."""
+    if rec.get("note") is not None:
+        return rec["note"]
+    return _legacy_note(rec)
+
+
+def _legacy_note(rec: dict) -> str:
     name = rec["pass"]
     if rec.get("skipped"):
         return f"skipped: {rec['skipped']}"

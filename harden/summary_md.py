@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import _pass_note
+from .report import pass_note
 
 
 def _cell(value: object) -> str:
@@ -63,7 +63,7 @@ def summary_markdown(report: dict, gates: list[dict] | None = None) -> str:
 
     out += ["| pass | seconds | what it did |", "|---|---:|---|"]
     for rec in report["passes"]:
-        out.append(f"| {rec['pass']} | {rec.get('seconds', 0):.2f} | {_cell(_pass_note(rec))} |")
+        out.append(f"| {rec['pass']} | {rec.get('seconds', 0):.2f} | {_cell(pass_note(rec))} |")
     out.append("")
 
     tail = []

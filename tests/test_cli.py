@@ -54,3 +54,27 @@ def test_usage_errors_are_one_line(args, fragment):
 def test_help_has_an_example(cmd):
     r = CliRunner().invoke(main, [*cmd, "--help"])
     assert r.exit_code == 0 and "Example" in r.output and "harden " in r.output
+
+
+def test_quantize_gives_the_int8_model_apply_measures(tmp_path):
+    """Issue 10: `harden quantize` is apply's plan up to quantize: simulating its output on the
+    chip gives apply's own "int8" and "int8 on chip" figures."""
+    root = Path(__file__).resolve().parent.parent
+    s = root / "samples"
+    q = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, ["quantize", str(s / "model.onnx"), "--data", str(s / "calib.npz"), "--eval-data",
+                                    str(s / "test.npz"), "--clip-percentile", "100", "-o", str(q), "--quiet"])
+    assert res.exit_code == 0, res.output
+    rep = tmp_path / "a.json"
+    res = CliRunner().invoke(main, ["apply", str(s / "model.onnx"), "--faultmap", str(s / "chip.bin"), "--data", str(s / "calib.npz"),
+                                    "--eval-data", str(s / "test.npz"), "--clip-percentile", "100", "--trials", "0",
+                                    "-o", str(tmp_path / "h.onnx"), "--report", str(rep), "--quiet"])
+    assert res.exit_code == 0, res.output
+    acc = json.loads(rep.read_text())["results"]["accuracy"]
+    sim = tmp_path / "s.json"
+    res = CliRunner().invoke(main, ["simulate", str(q), "--data", str(s / "test.npz"), "--faultmap", str(s / "chip.bin"),
+                                    "--report", str(sim), "--quiet"])
+    assert res.exit_code == 0, res.output
+    srep = json.loads(sim.read_text())
+    assert srep["clean"]["accuracy"] == acc["int8"]
+    assert srep["points"][0]["accuracy"]["mean"] == acc["int8_on_chip"]

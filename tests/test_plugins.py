@@ -135,7 +135,7 @@ import numpy as np
 
 from harden.faults import FaultModel, Injection, TensorFaults
 from harden.memory import Layout, linear_layout
-from harden.passes import PassResult
+from harden.passes import Pass, PassResult
 from harden.patterns import Pattern
 
 
@@ -197,14 +197,18 @@ class Every(Pattern):
         return w, np.zeros(w.size, np.int64), np.ones(w.size, bool)
 
 
-class Tag:
+class Tag(Pass):
     """A pass that records its name in the model's doc string."""
 
     name = "tag"
+    requires = frozenset({"int8"})
 
     def call(self, model, ctx):
         model.doc_string = "tagged"
         return PassResult(model, True, {"tagged": True})
+
+    def note(self, record):
+        return "tagged the model"
 '''
 
 FAKE_ENTRY_POINTS = """
@@ -273,10 +277,10 @@ def test_plugin_of_each_group_is_found_and_used(fake_plugin, tmp_path):
     assert res.exit_code == 0, res.output
     fm = generate("every", 64, 0.1, 0, {"period": 8})
     assert fm.addresses.tolist() == list(range(0, 64, 8)) and out_map.read_bytes()[:4] == b"HFM1"
-    # pass: through run_passes
+    # pass: through run_passes (it needs an int8 model: a float one is refused before it runs)
     tag = plugins.load(plugins.PASSES, "tag")()
-    m, (rec,) = run_passes(onnx.ModelProto(), [tag], PassContext(calib=None))
-    assert m.doc_string == "tagged" and rec["pass"] == "tag" and rec["tagged"] is True
+    with pytest.raises(InputError, match="'tag' needs int8"):
+        run_passes(onnx.ModelProto(), [tag], PassContext(calib=None))
     # `harden plugins` lists them with their package
     listing = json.loads(CliRunner().invoke(main, ["plugins", "--json"]).output)
     assert listing["harden.layouts"]["reversed"] == "harden_fakeplug:Reversed (harden-fakeplug 0.1)"
@@ -315,3 +319,26 @@ def test_the_tiled_package_is_a_real_plugin():
     assert not any(f.parts[0] == "harden" for f in dist.files or [] if f.suffix == ".py")
     listing = json.loads(CliRunner().invoke(main, ["plugins", "--json"]).output)
     assert listing["harden.layouts"]["tiled"].startswith("harden_tiled:TiledLayout (harden-tiled ")
+
+
+def test_a_plugin_pass_runs_inside_apply(fake_plugin, tmp_path):
+    """Issue 10: a pass written from docs/plugins.md, registered through an entry point, placed
+    in apply's plan by --pass; its record and note reach the report; a bad placement is exit 2."""
+    root = Path(__file__).resolve().parent.parent
+    args = ["apply", str(root / "samples/model.onnx"), "--faultmap", str(root / "samples/chip.bin"), "--data",
+            str(root / "samples/calib.npz"), "--trials", "0", "--clip-percentile", "100", "--quiet"]
+    out = tmp_path / "h.onnx"
+    res = CliRunner().invoke(main, [*args, "--pass", "tag", "-o", str(out), "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    import onnx
+
+    assert onnx.load(str(out)).doc_string == "tagged"
+    passes = json.loads((tmp_path / "r.json").read_text())["passes"]
+    assert [p["pass"] for p in passes][:5] == ["simplify", "clip", "quantize", "tag", "faq"]
+    assert passes[3]["tagged"] is True and passes[3]["note"] == "tagged the model"
+    # placed before quantize, the pass meets a float model: refused before any work, one line
+    res = CliRunner().invoke(main, [*args, "--pass", "tag@before:quantize", "-o", str(tmp_path / "x.onnx")])
+    _one_error_line(res, "pass 'tag' needs int8")
+    assert not (tmp_path / "x.onnx").exists()
+    res = CliRunner().invoke(main, [*args, "--pass", "nope", "-o", str(tmp_path / "x.onnx")])
+    _one_error_line(res, "no such pass")

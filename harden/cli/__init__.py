@@ -7,7 +7,7 @@ its commands to it.
 
 from __future__ import annotations
 
-from . import apply_cmd, faultmap_cmd, plugins_cmd, report_cmd, simulate_cmd, tune_cmd  # noqa: F401 (they register)
+from . import apply_cmd, faultmap_cmd, plugins_cmd, quantize_cmd, report_cmd, simulate_cmd, tune_cmd  # noqa: F401 (they register)
 from ._group import main
 
 __all__ = ["main"]

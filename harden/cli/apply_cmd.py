@@ -42,6 +42,8 @@ from ._training import training_fields, training_options
 @click.option("--summary-md", type=click.Path(dir_okay=False),
               help="Write a Markdown summary (accuracies, chip, gates, passes) here, replacing the file; "
                    "append it to $GITHUB_STEP_SUMMARY for a CI job summary.")
+@click.option("--pass", "extra_passes", multiple=True, metavar="NAME[@before:P|@after:P]",
+              help="Place a harden.passes plugin in the plan (default: after quantize), e.g. --pass mypass@after:clip (repeatable).")
 @click.option("--layout", metavar="NAME[:K=V,...]", help="Memory layout plugin (default linear), e.g. tiled:rows=128,cols=128.")
 @click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the self-contained HTML report here (needs harden[report]).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Fleet: worker processes for the per-chip work (default: one per core).")
@@ -53,8 +55,8 @@ from ._training import training_fields, training_options
 @training_options
 @quiet_option
 def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, layout, html, jobs, cluster, yield_at, as_json, quiet,
-                  **training):
+                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, extra_passes, layout, html, jobs, cluster, yield_at, as_json,
+                  quiet, **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
     Simplifies the model, clips its activations, quantizes it to int8 (QDQ), remaps every weight
@@ -81,6 +83,7 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
         seed=seed,
         trials=trials,
         layout=layout,
+        passes=tuple(extra_passes),
         **({"faults": tuple(faults)} if faults else {}),
         **training_fields(training),
     )

@@ -20,8 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import InputError
 from ..runtime import capture
-from . import PassContext, PassResult
+from . import Pass, PassContext, PassResult
 
 STYLES = ("zero", "saturate")
 
@@ -29,7 +30,7 @@ STYLES = ("zero", "saturate")
 GUARDED_OUTPUT_OPS = ("Gemm", "MatMul", "Add", "Conv")
 
 
-class ClipPass:
+class ClipPass(Pass):
     """Replace ReLUs by clipped activations with thresholds calibrated on ctx.calib.
 
     `output_guard` (zero style, our addition): the model's logits get an element-wise range
@@ -39,8 +40,11 @@ class ClipPass:
     """
 
     name = "clip"
+    requires = frozenset({"float"})
+    provides = frozenset({"clipped"})
+    in_place = True
 
-    def __init__(self, style: str = "zero", percentile: float = 100.0, headroom: float = 2.0,
+    def __init__(self, style: str = "zero", percentile: float | None = 100.0, headroom: float = 2.0,
                  calib_samples: int = 512, output_guard: bool = True):
         if style not in STYLES:
             raise ValueError(f"clip style must be one of {STYLES}")
@@ -48,6 +52,11 @@ class ClipPass:
         self.output_guard = output_guard and style == "zero"
 
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        if self.percentile is None:  # chosen by the clip search earlier in the plan
+            if ctx.clip_percentile is None:
+                raise InputError("clip: no threshold percentile given and none chosen by a clip search")
+            chosen = ClipPass(self.style, ctx.clip_percentile, self.headroom, self.calib_samples, self.output_guard)
+            return chosen.call(model, ctx)
         relus = [n for n in model.graph.node if n.op_type == "Relu"]
         guarded = self._guarded_output(model) if self.output_guard else None
         if not relus and guarded is None:
@@ -102,6 +111,11 @@ class ClipPass:
                 "layers": layers,
             },
         )
+
+    def note(self, record: dict) -> str:
+        n = sum(1 for layer in record.get("layers", []) if layer.get("relu"))
+        guard = " + output guard" if record.get("output_guard") else ""
+        return f"{record['style']} style on {n} ReLUs{guard}, {record.get('threshold_values', 0)} thresholds"
 
     def _guarded_output(self, model: onnx.ModelProto) -> str | None:
         """The first graph output, when a linear op produces it (logits), else None."""

@@ -25,7 +25,7 @@ from ..faultmap import FaultMap, read_back
 from ..layer_stats import collect, rows_to_weight, supported, weight_rows
 from ..memory import MemoryMap, as_layout_tensors, get_layout, linear_layout
 from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_metadata
-from . import PassContext, PassResult
+from . import Pass, PassContext, PassResult
 
 INT32 = np.iinfo(np.int32)
 
@@ -71,10 +71,17 @@ def calibration_stats(model: onnx.ModelProto, ctx: PassContext, samples: int, wi
     return ctx.layer_stats[key]
 
 
-class FAQPass:
+class FAQPass(Pass):
     """Fault-aware quantization for one chip, with error feedback and bias correction."""
 
     name = "faq"
+    requires = frozenset({"int8"})
+    provides = frozenset({"hardened"})
+    in_place = True
+
+    def note(self, record: dict) -> str:
+        return (f"{record['on_faulty_words']} weights on faulty words, {record['changed']} codes changed, "
+                f"{record['forced']} absorbed by error feedback, {record['bias_corrected']} biases corrected")
 
     def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256,
                  layout=None):

@@ -13,14 +13,16 @@ import onnx
 from onnx import numpy_helper
 
 from ..data import Dataset
-from . import PassContext, PassResult
+from . import Pass, PassContext, PassResult
 from .saq import _bar
 
 
-class ProActPass:
+class ProActPass(Pass):
     """Progressive threshold training on `train` (default: the calibration data)."""
 
     name = "clip-train"
+    requires = frozenset({"clipped"})
+    provides = frozenset({"trained"})
 
     def __init__(self, config=None, train: Dataset | None = None):
         self.config, self.train = config, train

@@ -19,7 +19,7 @@ from ..data import Dataset
 from ..errors import InputError
 from ..model import WEIGHT_OPS, float_weight_names, initializer_map, qdq_weights
 from ..runtime import batch_size_for, fixed_batch
-from . import PassContext, PassResult
+from . import Pass, PassContext, PassResult
 
 
 class _Reader:
@@ -47,13 +47,18 @@ def name_nodes(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
-class QuantizePass:
+class QuantizePass(Pass):
     """Float model -> int8 QDQ model; leaves float weights in ctx for FAQ."""
 
     name = "quantize"
+    requires = frozenset({"float"})
+    provides = frozenset({"int8", "float_weights"})
 
     def __init__(self, calibrate_method: str = "minmax"):
         self.calibrate_method = calibrate_method
+
+    def note(self, record: dict) -> str:
+        return f"{record['int8_tensors']} int8 tensors, {record['int8_weights']} weights (per-channel, symmetric)"
 
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -15,7 +15,7 @@ from __future__ import annotations
 import onnx
 
 from ..data import Dataset
-from . import PassContext, PassResult
+from . import Pass, PassContext, PassResult
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -23,10 +23,12 @@ def _bar(done: int, total: int, width: int = 20) -> str:
     return "[" + "#" * full + "-" * (width - full) + "]"
 
 
-class SAQPass:
+class SAQPass(Pass):
     """Fine-tune on `train` (default: the calibration data); validate on the calibration data."""
 
     name = "saq"
+    requires = frozenset({"float"})
+    provides = frozenset({"trained"})
 
     def __init__(self, config=None, train: Dataset | None = None, noise=None, label: str = "--saq", name: str = "saq",
                  variability: tuple[float, float] | None = None):

@@ -1,0 +1,23 @@
+"""The first pass: legacy clean-up, onnxsim, and the opset upgrade per-channel QDQ needs."""
+
+from __future__ import annotations
+
+import onnx
+
+from ..model import prepare
+from . import Pass, PassContext, PassResult
+
+
+class PreparePass(Pass):
+    """model.prepare as a pass: drop initializer inputs, onnxsim, Constant -> initializer, opset >= 13."""
+
+    name = "simplify"
+    requires = frozenset({"float"})
+    provides = frozenset({"prepared"})
+
+    def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        model, record = prepare(model)
+        return PassResult(model, True, record)
+
+    def note(self, record: dict) -> str:
+        return f"opset {record['opset_in']} -> {record['opset_out']}, {record['nodes_in']} -> {record['nodes_out']} nodes"
