@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import golden
+import pytest
 
 
 @pytest.mark.parametrize("label", list(golden.cases()))
