@@ -33,7 +33,7 @@ from harden.faults.variability import AnalogEvaluator  # noqa: E402
 from harden.model import load_model, save_model  # noqa: E402
 from harden.passes import PassContext, run_passes  # noqa: E402
 from harden.passes.quantize import QuantizePass  # noqa: E402
-from harden.pipeline import prepare  # noqa: E402
+from harden.model import prepare  # noqa: E402
 from harden.simulate import ChipEvaluator, Reference  # noqa: E402
 from harden.tune import compare_tuning  # noqa: E402
 

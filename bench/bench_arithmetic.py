@@ -35,7 +35,8 @@ from bench_faq import calibration_data, cpu_model, git_rev, loadavg, quantized, 
 from harden import arithmetic  # noqa: E402
 from harden.data import Dataset, load_npz  # noqa: E402
 from harden.model import load_model  # noqa: E402
-from harden.pipeline import ApplyOptions, apply, prepare  # noqa: E402
+from harden.model import prepare  # noqa: E402
+from harden.pipeline import ApplyOptions, apply  # noqa: E402
 from harden.runtime import batch_size_for, run_batched, session  # noqa: E402
 from harden.simulate import weights_as_inputs  # noqa: E402
 from harden.model import get_initializer, qdq_weights  # noqa: E402

@@ -49,7 +49,7 @@ from harden.faults import parse_fault_spec
 from harden.model import load_model, set_initializer
 from harden.passes import PassContext, run_passes
 from harden.passes.quantize import QuantizePass
-from harden.pipeline import prepare
+from harden.model import prepare
 from harden.runtime import batch_size_for, run_batched, session
 
 RESULTS = HERE / "results"

@@ -57,7 +57,7 @@ from harden.model import get_initializer, initializer_map, load_model, qdq_weigh
 from harden.passes import PassContext  # noqa: E402
 from harden.passes.faq import FAQPass, _targets, memory_map_for  # noqa: E402
 from harden.passes.quantize import QuantizePass, _float_weights_by_int8  # noqa: E402
-from harden.pipeline import prepare  # noqa: E402
+from harden.model import prepare  # noqa: E402
 
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"

@@ -65,7 +65,8 @@ from harden.passes import PassContext, run_passes  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
 from harden.passes.faq import FAQPass  # noqa: E402
 from harden.passes.quantize import QuantizePass  # noqa: E402
-from harden.pipeline import ApplyOptions, build_shared, harden_for_chip, prepare, reference_evaluator  # noqa: E402
+from harden.model import prepare
+from harden.pipeline import ApplyOptions, build_shared, harden_for_chip, reference_evaluator  # noqa: E402
 from harden.stats import summarize  # noqa: E402
 from harden.train.saq import SAQConfig, fine_tune  # noqa: E402
 

@@ -648,7 +648,6 @@ def _trial_block(recipe: CampaignRecipe, token: str, point: int, start: int, sto
 
 
 def _analog_session(model: onnx.ModelProto, data: Dataset):
-
     return AnalogEvaluator(model, data)
 
 
@@ -715,7 +714,6 @@ def describe_trial(
     if isinstance(model, WeightSpace):
         space, values = model, None
     else:
-
         space = WeightSpace.from_model(model)
         values = model_values(model, [t.name for t in space.weights + space.biases])
     fault.check(space)
@@ -896,7 +894,6 @@ def simulate(
         key = "activation_faults" if kind == "activations" else kind
         report[key] = campaign.session_record(kind)
     if diagnostics:
-
         t0 = time.perf_counter()
         report["diagnostics"] = diagnose(model, data, rho=rho, samples=sharpness_samples, seed=opts.seed,
                                          evaluator=campaign.evaluator)

@@ -170,3 +170,32 @@ def file_record(path: str | os.PathLike | None) -> dict:
     if path is None:
         return {}
     return {"path": str(path), "sha256": sha256_of(path)}
+
+
+def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike | None]) -> None:
+    """Every output must be new to this run: not an input, not another output, in a real folder.
+
+    Linear in outputs + inputs (a fleet has thousands of each): inputs are resolved once, and
+    only an output that already exists is compared file by file (os.path.samefile catches a
+    hard link or a different spelling of the same file)."""
+    real_inputs = [Path(p) for p in inputs if p is not None]
+    resolved_inputs = {p.resolve(): p for p in real_inputs}
+    inode_inputs = {(st.st_dev, st.st_ino): p for p in real_inputs if (st := _stat(p)) is not None}
+    taken: set[Path] = set()
+    for out in outputs:
+        resolved = Path(out).resolve()
+        if resolved in taken:
+            raise InputError(f"output path {out} is also another output of this run; choose another path")
+        st = _stat(Path(out))
+        same = resolved_inputs.get(resolved) or (inode_inputs.get((st.st_dev, st.st_ino)) if st is not None else None)
+        if same is not None:
+            raise InputError(f"output path {out} is the input {same}; choose another output")
+        check_output_path(out)  # the folder exists, the output is not a folder
+        taken.add(resolved)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None

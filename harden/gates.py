@@ -67,6 +67,29 @@ def gate_results(report: dict, min_accuracy: float | None = None, max_drop: floa
     return gates
 
 
+def fleet_gate_results(report: dict, min_accuracy: float | None = None, max_drop: float | None = None) -> list[dict]:
+    """A fleet's gates, one record per gate given: every chip must pass it; `value` is the
+    fleet's worst figure, `failing_chips` how many chips miss."""
+    chips = report["chips"]
+    int8 = report["fleet"]["int8"]
+    gates = []
+    if min_accuracy is not None:
+        worst = report["fleet"]["hardened_on_chip"]["min"]
+        bad = sum(c["accuracy"]["hardened_on_chip"] < min_accuracy for c in chips)
+        gates.append({"gate": "--min-accuracy", "threshold": min_accuracy, "value": worst, "passed": bad == 0,
+                      "what": "worst hardened accuracy over the fleet", "failing_chips": bad,
+                      "message": None if bad == 0 else
+                      f"gate failed: {bad} of {len(chips)} chips below --min-accuracy {min_accuracy} (worst {worst:.4f})"})
+    if max_drop is not None:
+        drops = [int8 - c["accuracy"]["hardened_on_chip"] for c in chips]
+        bad = sum(d > max_drop for d in drops)
+        gates.append({"gate": "--max-drop", "threshold": max_drop, "value": round(max(drops), 6), "passed": bad == 0,
+                      "what": "largest drop below fault-free int8 over the fleet", "failing_chips": bad,
+                      "message": None if bad == 0 else
+                      f"gate failed: {bad} of {len(chips)} chips more than --max-drop {max_drop} below int8 {int8:.4f}"})
+    return gates
+
+
 # --- simulate: gates at named fault points ----------------------------------------------------
 
 
@@ -202,4 +225,5 @@ def failure_line(results: Sequence[dict]) -> str | None:
     return failed[0]["message"] + (f" (and {more} more failed gate{'s' if more > 1 else ''})" if more else "")
 
 
-__all__ = ["KINDS", "PointGate", "check", "check_point_gates", "failure_line", "gate_results", "point_gate_results"]
+__all__ = ["KINDS", "PointGate", "check", "check_point_gates", "failure_line", "fleet_gate_results", "gate_results",
+           "point_gate_results"]

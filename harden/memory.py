@@ -212,7 +212,6 @@ class Layout:
     Params: type = NoParams
 
     def __init__(self, params: Any = None, **kwargs: Any):
-
         if params is None:
             params = coerce_params(self.Params, kwargs, f"layout {self.name}")
         elif kwargs:
@@ -221,12 +220,10 @@ class Layout:
 
     @classmethod
     def from_params(cls, given: dict | None = None) -> "Layout":
-
         return cls(coerce_params(cls.Params, given, f"layout {cls.name}"))
 
     @property
     def params_dict(self) -> dict:
-
         return params_dict(self.params)
 
     @property

@@ -29,7 +29,7 @@ from .faultmap import FaultMap, is_csv_map, read_faultmap
 from .faults import parse_fault_spec
 from .faults.base import WeightSpace
 from .faults.chip import ChipFaults
-from .fileio import atomic_write_many, check_output_path, file_record
+from .fileio import atomic_write_many, check_outputs, file_record
 from .hostcheck import fused_host_record
 from .memory import MemoryMap, get_layout, model_layout_tensors
 from .model import get_metadata, is_qdq_int8, load_model, qdq_weights
@@ -172,35 +172,6 @@ def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator:
     results = evaluate_on_chip(shared, hardened, fm, evaluator, host_check)
     records.append({"pass": "simulate", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
     return hardened, records, results
-
-
-def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike | None]) -> None:
-    """Every output must be new to this run: not an input, not another output, in a real folder.
-
-    Linear in outputs + inputs (a fleet has thousands of each): inputs are resolved once, and
-    only an output that already exists is compared file by file (os.path.samefile catches a
-    hard link or a different spelling of the same file)."""
-    real_inputs = [Path(p) for p in inputs if p is not None]
-    resolved_inputs = {p.resolve(): p for p in real_inputs}
-    inode_inputs = {(st.st_dev, st.st_ino): p for p in real_inputs if (st := _stat(p)) is not None}
-    taken: set[Path] = set()
-    for out in outputs:
-        resolved = Path(out).resolve()
-        if resolved in taken:
-            raise InputError(f"output path {out} is also another output of this run; choose another path")
-        st = _stat(Path(out))
-        same = resolved_inputs.get(resolved) or (inode_inputs.get((st.st_dev, st.st_ino)) if st is not None else None)
-        if same is not None:
-            raise InputError(f"output path {out} is the input {same}; choose another output")
-        check_output_path(out)  # the folder exists, the output is not a folder
-        taken.add(resolved)
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except OSError:
-        return None
 
 
 def load_inputs(model_path, data_path, eval_data_path) -> tuple[onnx.ModelProto, Dataset, Dataset, dict]:

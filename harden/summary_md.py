@@ -74,3 +74,62 @@ def summary_markdown(report: dict, gates: list[dict] | None = None) -> str:
     tail.append(f"harden {report.get('harden_version', '?')}")
     out.append("; ".join(tail) + ".")
     return "\n".join(out) + "\n"
+
+
+def fleet_summary_markdown(report: dict, gates: list[dict] | None = None) -> str:
+    """The Markdown page for a fleet report: the fleet's distribution, yield, gates, worst chips."""
+    gates = gates or []
+    fleet = report["fleet"]
+    model = Path(report["inputs"]["model"]["path"]).name
+    failed = [g for g in gates if not g["passed"]]
+    verdict = "no gates given" if not gates else ("**FAILED**" if failed else "passed")
+    out = [f"### harden: `{_cell(model)}` on a fleet of {fleet['chips']} chips", "",
+           f"Gates: {verdict}. Fault-free int8 {_pct(fleet['int8'])}.", "",
+           "| | mean | worst | 5th percentile | median | yield at " + _pct(fleet["yield_target"]) + " |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for key, label in (("int8_on_chip", "plain int8 on chip"), ("hardened_on_chip", "hardened on chip")):
+        d = fleet[key]
+        out.append(f"| {label} | {_pct(d['mean'])} | {_pct(d['min'])} | {_pct(d['p05'])} | {_pct(d['median'])} | "
+                   f"{100 * d['yield']:.1f}% |")
+    out.append("")
+    if gates:
+        out += ["| gate | threshold | fleet value | failing chips | result |", "|---|---:|---:|---:|---|"]
+        for g in gates:
+            out.append(f"| `{g['gate']}` ({_cell(g['what'])}) | {g['threshold']:g} | {g['value']:.4f} | {g['failing_chips']} | "
+                       f"{'pass' if g['passed'] else '**FAIL**'} |")
+        out.append("")
+    worst = sorted(report["chips"], key=lambda c: c["accuracy"]["hardened_on_chip"])[:5]
+    out += ["| worst chips | rate | int8 on chip | hardened |", "|---|---:|---:|---:|"]
+    for c in worst:
+        out.append(f"| `{_cell(c['chip'])}` | {c['faultmap']['rate']:.4f} | {_pct(c['accuracy']['int8_on_chip'])} | "
+                   f"{_pct(c['accuracy']['hardened_on_chip'])} |")
+    out.append("")
+    out.append(f"harden {report.get('harden_version', '?')}; {report.get('seconds', 0):.1f} s in all.")
+    return "\n".join(out) + "\n"
+
+
+def simulate_summary_markdown(report: dict) -> str:
+    """The Markdown page for a `simulate` report: every point with its interval, and its gates."""
+    gates = report.get("gates") or []
+    model = Path(report["inputs"]["model"]["path"]).name
+    failed = [g for g in gates if not g["passed"]]
+    verdict = "no gates given" if not gates else ("**FAILED**" if failed else "passed")
+    c = report["clean"]
+    out = [f"### harden simulate: `{_cell(model)}`", "",
+           f"Gates: {verdict}. Fault-free accuracy {_pct(c['accuracy'])} on {c['samples']} samples.", "",
+           "| point | trials | accuracy | 95% CI |", "|---|---:|---:|---|"]
+    for p in report["points"]:
+        a = p["accuracy"]
+        ci = a.get("ci95")
+        out.append(f"| `{_cell(p['label'])}` | {p['trials']} | {_pct(a['mean'])} | "
+                   + (f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "exact") + " |")
+    out.append("")
+    if gates:
+        out += ["| gate | point | threshold | value | result |", "|---|---|---:|---:|---|"]
+        for g in gates:
+            value = "n/a" if g["value"] is None else f"{g['value']:.4f}"
+            out.append(f"| `--{g['kind']}` ({g['statistic']}) | `{_cell(g['point'])}` | {g['threshold']:g} | {value} | "
+                       f"{'pass' if g['passed'] else '**FAIL**'} |")
+        out.append("")
+    out.append(f"harden {report.get('harden_version', '?')}; {report.get('seconds', 0):.1f} s in all.")
+    return "\n".join(out) + "\n"

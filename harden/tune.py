@@ -347,7 +347,6 @@ class ChipComparison:
     tuned: np.ndarray
 
     def summary(self) -> dict:
-
         u, t = summarize(self.untuned), summarize(self.tuned)
         d = summarize(self.tuned - self.untuned, bounds=(-1.0, 1.0))
         return {

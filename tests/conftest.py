@@ -102,7 +102,7 @@ def quantize_zoo_model(src: Path, calib: Path, out: Path, clip: bool = False) ->
     from harden.passes import PassContext, run_passes
     from harden.passes.clip import ClipPass
     from harden.passes.quantize import QuantizePass
-    from harden.pipeline import prepare
+    from harden.model import prepare
 
     model = load_model(src)
     data = load_npz(calib, model)

@@ -10,7 +10,7 @@ wherever the case is not about the CRC, so that the intended rule is the one tha
 
 Inputs are checked before any work starts, so apart from the cases marked ``runs_pipeline``
 every case must fail before the model is simplified: the in-process tests replace
-``harden.pipeline.prepare`` with a tripwire to prove it (and to keep this file fast).
+``harden.passes.prepare.prepare`` (the first pass of the plan) with a tripwire to prove it (and to keep this file fast).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+import harden.passes.prepare
 import harden.pipeline
 from harden.cli import main
 from harden.faultmap import HEADER_SIZE, generate_uniform, read_faultmap, write_faultmap
@@ -482,7 +483,7 @@ def test_bad_input_exits_2_with_one_line(case: Case, base: Path, tmp_path: Path,
             simplified.append(True)
             raise _Tripwire("work started before the inputs were checked")
 
-        monkeypatch.setattr(harden.pipeline, "prepare", tripwire)
+        monkeypatch.setattr(harden.passes.prepare, "prepare", tripwire)
 
     result = CliRunner().invoke(main, p.argv())
 

@@ -78,3 +78,42 @@ def test_quantize_gives_the_int8_model_apply_measures(tmp_path):
     srep = json.loads(sim.read_text())
     assert srep["clean"]["accuracy"] == acc["int8"]
     assert srep["points"][0]["accuracy"]["mean"] == acc["int8_on_chip"]
+
+
+def test_junit_xml_and_markdown_for_simulate_and_fleets(tmp_path, residual_cnn, digits_calib_npz, digits_test_npz):
+    """Issue 10: --junit-xml (one test case per gate, failures as JUnit failures) on apply and
+    simulate, and --summary-md for fleets and simulate too."""
+    import xml.etree.ElementTree as ET
+
+    from harden.faultmap import generate_uniform, write_faultmap
+    from harden.memory import weight_count
+
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    for seed in (1, 2):
+        write_faultmap(generate_uniform(weight_count(residual_cnn), 0.04, seed, {"chip_id": f"c{seed}"}), chips / f"c{seed}.bin")
+    junit, md = tmp_path / "fleet.xml", tmp_path / "fleet.md"
+    res = CliRunner().invoke(main, ["apply", str(residual_cnn), "--faultmap", str(chips), "--data", str(digits_calib_npz),
+                                    "--eval-data", str(digits_test_npz), "--trials", "0", "--clip-percentile", "100", "--jobs", "1",
+                                    "-o", str(tmp_path / "out"), "--min-accuracy", "0.999", "--max-drop", "0.5",
+                                    "--junit-xml", str(junit), "--summary-md", str(md), "--quiet"])
+    assert res.exit_code == 1, res.output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    failed = [tc for tc in suite.iter("testcase") if tc.find("failure") is not None]
+    assert len(failed) == 1 and "--min-accuracy" in failed[0].get("name")
+    text = md.read_text()
+    assert "fleet of 2 chips" in text and "**FAILED**" in text and "`c1`" in text
+
+    q = tmp_path / "q.onnx"
+    assert CliRunner().invoke(main, ["quantize", str(residual_cnn), "--data", str(digits_calib_npz), "--clip-percentile", "100",
+                                     "-o", str(q), "--quiet"]).exit_code == 0
+    junit, md = tmp_path / "sim.xml", tmp_path / "sim.md"
+    res = CliRunner().invoke(main, ["simulate", str(q), "--data", str(digits_test_npz), "--fault", "bitflip:1e-3,1e-1", "--trials", "4",
+                                    "--min-accuracy", "all=0.5", "--junit-xml", str(junit), "--summary-md", str(md), "--quiet"])
+    assert res.exit_code == 1, res.output  # bit flips at 0.1 destroy the model
+    suite = ET.parse(junit).getroot().find("testsuite")
+    names = [tc.get("name") for tc in suite.iter("testcase")]
+    assert names == ["--min-accuracy bitflip:0.001=0.5", "--min-accuracy bitflip:0.1=0.5"]
+    assert suite.get("failures") == "1"
+    assert "bitflip:0.1" in md.read_text() and "**FAIL**" in md.read_text()

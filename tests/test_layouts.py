@@ -28,7 +28,7 @@ from harden.model import get_metadata, load_model
 from harden.passes import PassContext, run_passes
 from harden.passes.faq import FAQPass, memory_map_for
 from harden.passes.quantize import QuantizePass
-from harden.pipeline import prepare
+from harden.model import prepare
 from harden.simulate import ChipEvaluator, float_reference, model_values, read_through_chip
 
 HAVE_TILED = importlib.util.find_spec("harden_tiled") is not None

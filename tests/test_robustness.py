@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import harden.passes.prepare
 import harden.pipeline
 from harden.cli import main
 from harden.errors import InputError
@@ -63,7 +64,7 @@ def _no_work(monkeypatch) -> None:
     def tripwire(model):
         raise _Tripwire("work started before the inputs were checked")
 
-    monkeypatch.setattr(harden.pipeline, "prepare", tripwire)
+    monkeypatch.setattr(harden.passes.prepare, "prepare", tripwire)
 
 
 # --- fault maps cut or flipped at every offset, through the CLI ------------------------------

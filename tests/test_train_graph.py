@@ -17,7 +17,7 @@ from harden.data import Dataset  # noqa: E402
 from harden.errors import InputError  # noqa: E402
 from harden.passes import PassContext  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
-from harden.pipeline import prepare  # noqa: E402
+from harden.model import prepare  # noqa: E402
 from harden.train.graph import OnnxModule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

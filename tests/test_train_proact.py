@@ -13,7 +13,7 @@ import zoo  # noqa: E402
 from harden.passes import PassContext  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
 from harden.passes.proact import ProActPass  # noqa: E402
-from harden.pipeline import prepare  # noqa: E402
+from harden.model import prepare  # noqa: E402
 from harden.train.graph import OnnxModule  # noqa: E402
 from harden.train.proact import ProActConfig, find_clips, train_thresholds  # noqa: E402
 

@@ -21,7 +21,7 @@ from harden.passes import PassContext, run_passes  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
 from harden.passes.quantize import QuantizePass  # noqa: E402
 from harden.passes.saq import SAQPass  # noqa: E402
-from harden.pipeline import prepare  # noqa: E402
+from harden.model import prepare  # noqa: E402
 from harden.train.graph import OnnxModule  # noqa: E402
 from harden.model import output_channel_axis  # noqa: E402
 from harden.train.saq import SAQConfig, fake_quant, fine_tune  # noqa: E402

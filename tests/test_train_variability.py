@@ -18,7 +18,7 @@ from harden.faults import parse_fault_spec  # noqa: E402
 from harden.passes import PassContext, run_passes  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
 from harden.passes.quantize import QuantizePass  # noqa: E402
-from harden.pipeline import prepare  # noqa: E402
+from harden.model import prepare  # noqa: E402
 from harden.train.saq import SAQConfig, fine_tune  # noqa: E402
 from harden.train.variability import lognormal_noise  # noqa: E402
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import click
 
 from ..errors import GateFailed, InputError
+from ..fileio import atomic_write_many, check_outputs
 from ..fleet import apply_fleet
-from ..gates import gate_results
+from ..gates import failure_line, fleet_gate_results, gate_results
 from ..html_report import render_html, require_matplotlib
+from ..junit import apply_cases, junit_xml
 from ..pipeline import ApplyOptions, apply
 from ..report import fleet_table, summary_table, to_json
-from ..summary_md import summary_markdown
+from ..summary_md import fleet_summary_markdown, summary_markdown
 from ._common import quiet_option, show_progress
 from ._group import main
 from ._training import training_fields, training_options
@@ -44,6 +46,8 @@ from ._training import training_fields, training_options
                    "append it to $GITHUB_STEP_SUMMARY for a CI job summary.")
 @click.option("--pass", "extra_passes", multiple=True, metavar="NAME[@before:P|@after:P]",
               help="Place a harden.passes plugin in the plan (default: after quantize), e.g. --pass mypass@after:clip (repeatable).")
+@click.option("--junit-xml", "junit", type=click.Path(dir_okay=False),
+              help="Write the gates as JUnit XML here (one test case per gate; GitLab and Jenkins read it natively).")
 @click.option("--layout", metavar="NAME[:K=V,...]", help="Memory layout plugin (default linear), e.g. tiled:rows=128,cols=128.")
 @click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the self-contained HTML report here (needs harden[report]).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Fleet: worker processes for the per-chip work (default: one per core).")
@@ -55,7 +59,7 @@ from ._training import training_fields, training_options
 @training_options
 @quiet_option
 def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, extra_passes, layout, html, jobs, cluster, yield_at, as_json,
+                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
                   quiet, **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
@@ -92,24 +96,24 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
         progress = lambda stage: click.echo(f"  ... {stage}", err=True)  # noqa: E731
     if len(faultmaps) > 1 or Path(faultmaps[0]).is_dir():
         _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, cluster, yield_at, summary_md, html, min_accuracy, max_drop,
-                     as_json, quiet, progress)
+                     as_json, quiet, progress, junit)
         return
     faultmap = faultmaps[0]
     extra = {}
     if summary_md is not None:
-
         extra[summary_md] = lambda rep: summary_markdown(rep, gate_results(rep, min_accuracy, max_drop))
     if html is not None:
-
         require_matplotlib()
         extra[html] = render_html
+    if junit is not None:
+        extra[junit] = lambda rep: junit_xml("harden apply", apply_cases(gate_results(rep, min_accuracy, max_drop)), rep.get("seconds"))
     result = apply(model, faultmap, data, output, report_path=report, eval_data_path=eval_data, options=opts,
                    progress=progress, extra_outputs=extra)
     if as_json:
         sys.stdout.write(to_json(result.report))
     elif not quiet:
         click.echo(summary_table(result.report))
-        written = [str(result.output)] + [str(p) for p in (result.report_path, summary_md, html) if p is not None]
+        written = [str(result.output)] + [str(p) for p in (result.report_path, summary_md, html, junit) if p is not None]
         click.echo(f"wrote {', '.join(written[:-1])} and {written[-1]}" if len(written) > 1 else f"wrote {written[0]}")
     check_gates(result.report, min_accuracy, max_drop)
 
@@ -122,24 +126,29 @@ def check_gates(report: dict, min_accuracy: float | None, max_drop: float | None
 
 
 def _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, cluster, yield_at, summary_md, html, min_accuracy, max_drop,
-                 as_json, quiet, progress) -> None:
-    """Fleet mode: one model per chip in the -o folder, one report for the fleet."""
-
-    if summary_md is not None or html is not None:
-        raise InputError("--summary-md and --html are written for one chip; for a fleet use --report and the fleet table")
+                 as_json, quiet, progress, junit=None) -> None:
+    """Fleet mode: one model per chip in the -o folder, one report for the fleet; the Markdown
+    summary and the JUnit gates cover the whole fleet (every chip must pass a gate)."""
+    if html is not None:
+        raise InputError("--html is drawn for one chip; for a fleet use --report, --summary-md and the fleet table")
+    extra_outputs = [p for p in (summary_md, junit) if p is not None]
+    if extra_outputs:
+        check_outputs(extra_outputs, [model, data, eval_data, *faultmaps])
     on_chip = (lambda name: click.echo(f"  ... {name} done", err=True)) if progress else None
     rep = apply_fleet(model, faultmaps, data, output, report_path=report, eval_data_path=eval_data, options=opts,
                       jobs=jobs, yield_at=yield_at, progress=progress, on_chip=on_chip, cluster=cluster)
+    gates = fleet_gate_results(rep, min_accuracy, max_drop)
+    files = []
+    if summary_md is not None:
+        files.append((summary_md, fleet_summary_markdown(rep, gates).encode("utf-8")))
+    if junit is not None:
+        files.append((junit, junit_xml("harden apply fleet", apply_cases(gates), rep.get("seconds")).encode("utf-8")))
+    if files:
+        atomic_write_many(files)
     if as_json:
         sys.stdout.write(to_json(rep))
     elif not quiet:
         click.echo(fleet_table(rep))
-    worst = rep["fleet"]["hardened_on_chip"]["min"]
-    if min_accuracy is not None and worst < min_accuracy:
-        bad = sum(c["accuracy"]["hardened_on_chip"] < min_accuracy for c in rep["chips"])
-        raise GateFailed(f"gate failed: {bad} of {len(rep['chips'])} chips below --min-accuracy {min_accuracy} (worst {worst:.4f})")
-    if max_drop is not None:
-        int8 = rep["fleet"]["int8"]
-        bad = sum(int8 - c["accuracy"]["hardened_on_chip"] > max_drop for c in rep["chips"])
-        if bad:
-            raise GateFailed(f"gate failed: {bad} of {len(rep['chips'])} chips more than --max-drop {max_drop} below int8 {int8:.4f}")
+    failed = failure_line(gates)
+    if failed:
+        raise GateFailed(failed)

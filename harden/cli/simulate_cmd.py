@@ -4,16 +4,17 @@ float32 weight faults), in onnxruntime, with optional gates at named fault point
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from ..campaign import CampaignOptions, simulate
 from ..errors import GateFailed, InputError
-from ..fileio import atomic_write_many, check_output_path
+from ..fileio import atomic_write_many, check_outputs
 from ..gates import PointGate, failure_line
 from ..html_report import render_html, require_matplotlib
+from ..junit import junit_xml, point_cases
 from ..report import to_json
+from ..summary_md import simulate_summary_markdown
 from ._common import quiet_option, show_progress
 from ._group import main
 
@@ -66,12 +67,16 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
 @click.option("--html", "html", type=click.Path(dir_okay=False),
               help="Also write the report as a self-contained HTML page here (needs harden[report]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
+@click.option("--summary-md", type=click.Path(dir_okay=False),
+              help="Write a Markdown summary (points, intervals, gates) here; append it to $GITHUB_STEP_SUMMARY for a CI job summary.")
+@click.option("--junit-xml", "junit", type=click.Path(dir_okay=False),
+              help="Write the gates as JUnit XML here (one test case per gate and point).")
 @click.option("--cluster", envvar="HARDEN_CLUSTER", metavar="ADDRESS", default=None,
               help="Run blocks of trials on a Dask cluster: 'local' (one worker per core) or a scheduler such as "
                    "tcp://host:8786 (env HARDEN_CLUSTER; needs harden[distributed]). Same figures as without it.")
 @quiet_option
 def simulate_command(model, data, faults, faultmaps, trials, margin, confidence, seed, per_layer, diagnostics, rho,
-                     show_trial, min_accuracy, max_drop, report, html, as_json, cluster, quiet):
+                     show_trial, min_accuracy, max_drop, report, html, as_json, summary_md, junit, cluster, quiet):
     """Fault-injection campaign on an int8 QDQ MODEL (or a float MODEL under bitflip-fp32),
     measured with onnxruntime.
 
@@ -121,15 +126,11 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
     gates = [PointGate.parse("min-accuracy", g) for g in min_accuracy] + [PointGate.parse("max-drop", g) for g in max_drop]
     if gates and trial is not None:
         raise InputError("--min-accuracy / --max-drop gate a campaign's points; they do not apply to --show-trial")
-    if report is not None:
-
-        check_output_path(report, model, data, *faultmaps)
     if html is not None:
-
         require_matplotlib()
-        if report is not None and Path(html).resolve() == Path(report).resolve():
-            raise InputError(f"--html {html} is the same path as --report; choose another path")
-        check_output_path(html, model, data, *faultmaps)
+    named = [p for p in (report, html, summary_md, junit) if p is not None]
+    if named:
+        check_outputs(named, [model, data, *faultmaps])
 
     bar = None
     progress = on_start = None
@@ -151,10 +152,13 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
             bar.__exit__(None, None, None)
     outputs = [(report, to_json(result.report).encode("utf-8"))] if report is not None else []
     if html is not None:
-
         outputs.append((html, render_html(result.report).encode("utf-8")))
+    if summary_md is not None:
+        outputs.append((summary_md, simulate_summary_markdown(result.report).encode("utf-8")))
+    if junit is not None:
+        outputs.append((junit, junit_xml("harden simulate", point_cases(result.report.get("gates") or []),
+                                         result.report.get("seconds")).encode("utf-8")))
     if outputs:
-
         atomic_write_many(outputs)  # the JSON and the page together, or neither
     if as_json:
         sys.stdout.write(to_json(result.report))

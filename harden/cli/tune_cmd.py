@@ -60,7 +60,6 @@ def tune_command(model, data, output, sigma_chip, sigma_cell, seed, chip, probe_
         check_output_path(report, model, data, eval_data, output)
     result = tune(model, data, output, opts, eval_data)
     if report is not None:
-
         atomic_write_text(report, to_json(result))
     if as_json:
         sys.stdout.write(to_json(result))

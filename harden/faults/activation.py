@@ -192,7 +192,6 @@ class ActivationEvaluator:
     """
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
-
         sites, self.skipped = probe_sites(model, data)
         if not sites:
             raise InputError("bitflip-act: the model has no quantized activations (no QuantizeLinear of an activation)")

@@ -78,7 +78,6 @@ class WeightSpace:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> WeightSpace:
-
         inits = initializer_map(model)
         table = qdq_weights(model)
         weights = tuple(Tensor(w.name, np.dtype(np.int8), tuple(w.shape), "weight") for w in table)

@@ -145,7 +145,6 @@ class FloatWeightEvaluator:
     node name) of its first consumer) and `session_info()` for the report."""
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
-
         work, self.prepared = fp32_model(model)
         self.space = float_space(work)
         if not self.space.weights:
@@ -165,7 +164,6 @@ class FloatWeightEvaluator:
         self.clean = top1(self.clean_logits)
 
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
-
         feeds = self.values if values is None else {**self.values, **values}
         (out,) = run_batched(self.session, self.data, self.batch, [self._output], feeds)
         return out

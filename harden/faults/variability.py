@@ -338,7 +338,6 @@ class AnalogEvaluator:
     """
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
-
         self.layers = analog_layers(model)
         if not self.layers:
             raise InputError("variability: the model has no int8 Conv/Gemm/MatMul weights (not an int8 QDQ model)")

@@ -249,5 +249,4 @@ def _train(module, model, layers, bypass, train, val, cfg, on_layer) -> ProActRe
 
 
 def _logits(module: OnnxModule, feeds: dict, batch: int, fixed: int | None) -> "torch.Tensor":
-
     return logits(module, feeds, batch, fixed)
