@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 from .hostcheck import warning_line
 
 REPORT_SCHEMA = "harden.report/1"
+
+
+def json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of `harden.report/1`, shipped in the package
+    (harden/schemas/report-1.schema.json) so a pipeline can validate what it reads."""
+    return json.loads(resources.files("harden").joinpath("schemas/report-1.schema.json").read_text(encoding="utf-8"))
 
 
 def to_json(report: dict) -> str:
