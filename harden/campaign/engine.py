@@ -1,0 +1,277 @@
+"""The campaign engine: points x trials on one session per model, early stopping, per-layer points.
+
+See the package docstring (harden/campaign/__init__.py) for what a campaign measures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..data import NAN_CLASS, Dataset
+from ..errors import InputError
+from ..faults import (
+    ActivationEvaluator,
+    ActivationSpace,
+    Fault,
+    FaultModel,
+    Injection,
+    WeightSpace,
+)
+from ..simulate import ChipEvaluator, Reference
+from ..stats import summarize
+from .options import Baseline, CampaignOptions, CampaignResult, PerLayer, PointResult, TrialResult, trial_rng
+from .records import RecordsMixin
+from .sessions import SESSION_KINDS, check_precision
+
+
+class Campaign(RecordsMixin):
+    """Points x trials of fault injection on one int8 QDQ model and one dataset."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        data: Dataset,
+        points: Sequence[FaultModel],
+        *,
+        seed: int = 0,
+        evaluator: ChipEvaluator | None = None,
+    ):
+        self.space = WeightSpace.from_model(model)
+        #: "int8" (an int8 QDQ model) or "float" (no int8 weights: only float fault models run)
+        self.precision = "int8" if self.space.weights else "float"
+        self.points = list(points)
+        check_precision(self.points, self.precision)
+        self.model = model
+        self.data = data
+        self.seed = int(seed)
+        self.per_layer: PerLayer | None = None
+        if evaluator is None:
+            ref = Reference(data.labels, "labels") if data.labels is not None else Reference(np.empty(0, np.int64), "agreement")
+            evaluator = ChipEvaluator(model, data, ref)
+        self.evaluator = evaluator
+        self._given_reference = Reference(evaluator.reference.target.copy(), evaluator.reference.kind)
+        self.values = evaluator.defaults  # the clean int8 weights and int32 biases
+        self.clean_pred = evaluator.predictions()
+        self._self_reference = evaluator.reference.kind == "agreement" and evaluator.reference.target.size == 0
+        if self._self_reference:
+            evaluator.reference = Reference(self.clean_pred, "agreement")
+        self.target = evaluator.reference.target
+        self.correct = self.clean_pred == self.target
+        self.n_correct = int(self.correct.sum())
+        self.clean_accuracy = float(self.correct.mean())
+        self.baseline = Baseline(self.clean_pred, self.target)
+        self._sessions: dict[str, tuple[object, Baseline]] = {}
+        for p in self.points:
+            p.check(self.space_of(p))
+
+    # --- the spaces and sessions a point runs on -------------------------------------------
+
+    @staticmethod
+    def kind_of(model: FaultModel) -> str:
+        """The session a fault model runs on: "weights" (the default) or a SESSION_KINDS key."""
+        return model.space_kind
+
+    @classmethod
+    def is_activation(cls, model: FaultModel) -> bool:
+        return cls.kind_of(model) == "activations"
+
+    @classmethod
+    def is_analog(cls, model: FaultModel) -> bool:
+        return cls.kind_of(model) == "analog"
+
+    @staticmethod
+    def precision_of(model: FaultModel) -> str:
+        """The model precision a fault model needs: "int8" (the default) or "float"."""
+        return model.precision
+
+    def session(self, kind: str):
+        """The side session of `kind` (built on first use) and its clean baseline. Labels (or a
+        given reference) stay the target; a self-made agreement reference becomes that
+        session's own clean predictions."""
+        if kind not in self._sessions:
+            factory = SESSION_KINDS.get(kind)
+            if factory is None:
+                raise InputError(f"no session for fault models of space_kind {kind!r} (known: weights, {', '.join(SESSION_KINDS)})")
+            ev = factory(self.model, self.data)
+            target = ev.clean if self._self_reference else self.target
+            self._sessions[kind] = (ev, Baseline(ev.clean, target))
+        return self._sessions[kind]
+
+    @property
+    def activations(self) -> ActivationEvaluator:
+        """The activation-fault session (built on first use)."""
+        return self.session("activations")[0]
+
+    @property
+    def act_space(self) -> ActivationSpace:
+        return self.activations.space
+
+    def space_of(self, model: FaultModel):
+        kind = self.kind_of(model)
+        return self.space if kind == "weights" else self.session(kind)[0].space
+
+    def baseline_of(self, point: int) -> Baseline:
+        kind = self.kind_of(self.points[point])
+        return self.baseline if kind == "weights" else self.session(kind)[1]
+
+    # --- per-layer vulnerability -------------------------------------------------------------
+
+    def add_per_layer(self, base: FaultModel) -> PerLayer:
+        """Append one point per tensor `base` can hit, each `base` restricted to that tensor."""
+        if self.per_layer is not None:
+            raise InputError("the campaign already has per-layer points")
+        if not base.restrictable:
+            raise InputError(f"--per-layer: fault model {base.name!r} cannot be restricted to one tensor")
+        if base.restriction is not None:
+            raise InputError("--per-layer takes an unrestricted fault model (it restricts it to each tensor in turn)")
+        check_precision([base], self.precision, "--per-layer")
+        space = self.space_of(base)
+        base.check(space)
+        tensors = list(base.targets(space))
+        start = len(self.points)
+        for t in tensors:
+            m = base.restricted((t.name,))
+            m.check(space)
+            self.points.append(m)
+        self.per_layer = PerLayer(base, list(range(start, len(self.points))), tensors)
+        return self.per_layer
+
+    @property
+    def main_points(self) -> int:
+        """How many points come before the per-layer ones."""
+        return self.per_layer.indices[0] if self.per_layer and self.per_layer.indices else len(self.points)
+
+    # --- one trial -----------------------------------------------------------------------
+
+    def injection(self, point: int, trial: int) -> Injection:
+        """The faults of trial `trial` of point `point` (re-derived from the seed alone)."""
+        model = self.points[point]
+        return model.sample(trial_rng(self.seed, point, trial), self.space_of(model))
+
+    def describe_trial(self, point: int, trial: int) -> list[Fault]:
+        """Every faulty cell of the trial: (tensor, flat index, bit, kind, changes the value?).
+        For activation faults the index is flat over [samples, ...] of the quantized tensor."""
+        inj = self.injection(point, trial)
+        if self.kind_of(self.points[point]) != "weights":
+            return [f._replace(changes=True) if f.kind == "flip" else f for f in inj.faults(None)]
+        return inj.faults(self.values)
+
+    def faulty_values(self, point: int, trial: int) -> dict[str, np.ndarray]:
+        """All int8 weights and int32 biases as the trial's faults leave them (faults that run
+        on another session, e.g. activation faults, leave them clean)."""
+        if self.kind_of(self.points[point]) != "weights":
+            return dict(self.values)
+        return self.injection(point, trial).apply(self.values)
+
+    def run_trial(self, point: int, trial: int) -> TrialResult:
+        inj = self.injection(point, trial)
+        base = self.baseline_of(point)
+        kind = self.kind_of(self.points[point])
+        if not inj.tensors:  # nothing hit: the clean predictions (the session is deterministic)
+            pred = base.clean_pred
+        elif kind != "weights":
+            pred = self.session(kind)[0].predictions(inj)
+        else:
+            pred = self.evaluator.predictions(inj.apply(self.values))
+        # A NaN logit row is predicted as NAN_CLASS (-1, data.top1): wrong, and an SDC-1 event
+        # when the fault-free prediction was right; both figures need nothing more.
+        acc = float(np.mean(pred == base.target))
+        events = int(np.count_nonzero(pred[base.correct] != base.clean_pred[base.correct]))
+        return TrialResult(point, trial, acc, events, inj.cells, int(np.count_nonzero(pred == NAN_CLASS)))
+
+    # --- the campaign --------------------------------------------------------------------
+
+    def run_point(self, point: int, options: CampaignOptions, progress: Callable[[int], None] | None = None,
+                  executor: "TrialExecutor | None" = None) -> PointResult:
+        """The trials of one point, stopping early once the interval meets the margin.
+
+        The stopping rule is checked at the same trial counts (every `check_every` from
+        `min_trials`) whoever runs the trials, and every trial is re-derived from (seed, point,
+        trial), so an executor that runs rounds of trials on other processes gives the figures
+        of this sequential loop exactly (trials past the stop are computed and dropped).
+        """
+        model = self.points[point]
+        planned = 1 if model.deterministic else options.planned_trials()
+        acc = np.empty(planned)
+        events = np.empty(planned, np.int64)
+        cells = np.empty(planned, np.int64)
+        nans = np.empty(planned, np.int64)
+        t0 = time.perf_counter()
+        n, stopped = 0, False
+        while n < planned and not stopped:
+            if executor is None:
+                rows: Iterable[TrialResult] = (self.run_trial(point, t) for t in range(n, planned))
+            else:
+                rows = executor.run(self, point, n, executor.round_end(n, planned, options))
+            for r in rows:
+                t = r.trial
+                acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
+                n = t + 1
+                if progress:
+                    progress(1)
+                if options.margin is not None and n < planned and n >= options.min_trials and n % options.check_every == 0:
+                    h = summarize(acc[:n], options.confidence).half_width
+                    if h is not None and h <= options.margin:
+                        stopped = True
+                        break
+        if progress and n < planned:
+            progress(planned - n)
+        return PointResult(point, model, planned, acc[:n].copy(), events[:n].copy(), cells[:n].copy(), stopped,
+                           time.perf_counter() - t0, nans[:n].copy())
+
+    def run(self, options: CampaignOptions | None = None, progress: Callable[[int], None] | None = None,
+            executor: "TrialExecutor | None" = None) -> CampaignResult:
+        opts = options or CampaignOptions(seed=self.seed)
+        t0 = time.perf_counter()
+        res = CampaignResult(self.clean_accuracy, self.evaluator.reference.kind, int(self.target.size), self.n_correct, opts)
+        for p in range(len(self.points)):
+            res.points.append(self.run_point(p, opts, progress, executor))
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def recipe(self) -> "CampaignRecipe":
+        """What another process needs to rebuild this campaign, trial for trial."""
+        return CampaignRecipe(self.model.SerializeToString(), self.data, list(self.points), self.seed, self._given_reference)
+
+    def total_planned(self, options: CampaignOptions) -> int:
+        return sum(1 if p.deterministic else options.planned_trials() for p in self.points)
+
+
+@dataclass
+class CampaignRecipe:
+    """A campaign as data (model bytes, data, every point, seed, reference): sent to a worker
+    once, it rebuilds the same Campaign there (`build`)."""
+
+    model: bytes
+    data: Dataset
+    points: list
+    seed: int
+    reference: Reference
+
+    def build(self) -> "Campaign":
+        model = onnx.load_model_from_string(self.model)
+        ev = ChipEvaluator(model, self.data, Reference(self.reference.target.copy(), self.reference.kind))
+        return Campaign(model, self.data, self.points, seed=self.seed, evaluator=ev)
+
+
+class TrialExecutor:
+    """Runs blocks of trials somewhere else; `run` returns them in trial order."""
+
+    def round_end(self, start: int, planned: int, options: CampaignOptions) -> int:
+        """Where the next round stops: all planned trials without a margin, else a few
+        stopping checkpoints' worth, so that early stopping wastes at most one round."""
+        if options.margin is None:
+            return planned
+        step = options.check_every
+        size = max(self.parallelism * 2, options.min_trials - start, step)
+        size = -(-size // step) * step
+        return min(planned, start + size)
+
+    parallelism: int = 1
+
+    def run(self, campaign: "Campaign", point: int, start: int, stop: int) -> list[TrialResult]:
+        raise NotImplementedError
