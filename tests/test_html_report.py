@@ -1,4 +1,4 @@
-"""The HTML report (harden.html_report, `harden report`, `simulate --html`) on real reports.
+"""The HTML report (harden.report.html, `harden report`, `simulate --html`) on real reports.
 
 One apply run and one simulate campaign on the bundled samples (few trials) feed every test;
 variants of their reports (an int8 input, no campaign, hostile strings) are made by editing the
@@ -26,8 +26,8 @@ from click.testing import CliRunner
 from harden.campaign import CampaignOptions, simulate
 from harden.cli import main
 from harden.errors import InputError
-from harden.html_report import load_report, render_html, validate_report
 from harden.pipeline import ApplyOptions, apply
+from harden.report.html import load_report, render_html, validate_report
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 

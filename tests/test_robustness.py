@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -33,8 +34,6 @@ from harden.cli import main
 from harden.errors import InputError
 from harden.faultmap import FaultMap, from_bytes, to_bytes
 from harden.fileio import atomic_write_many, deferred_signals
-
-import numpy as np
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +387,7 @@ def test_summary_md_holds_the_figures_and_is_written_when_a_gate_fails(gated_run
 
 
 def test_summary_md_escapes_table_cells(gated_run):
-    from harden.summary_md import summary_markdown
+    from harden.report.markdown import summary_markdown
 
     report = json.loads((gated_run[1] / "r.json").read_text())
     report["inputs"]["faultmap"]["chip_id"] = "a|b\nc`d"

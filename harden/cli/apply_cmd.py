@@ -11,11 +11,11 @@ from ..errors import GateFailed, InputError
 from ..fileio import atomic_write_many, check_outputs
 from ..fleet import apply_fleet
 from ..gates import failure_line, fleet_gate_results, gate_results
-from ..html_report import render_html, require_matplotlib
-from ..junit import apply_cases, junit_xml
 from ..pipeline import ApplyOptions, apply
 from ..report import fleet_table, summary_table, to_json
-from ..summary_md import fleet_summary_markdown, summary_markdown
+from ..report.html import render_html, require_matplotlib
+from ..report.junit import apply_cases, junit_xml
+from ..report.markdown import fleet_summary_markdown, summary_markdown
 from ._common import quiet_option, show_progress
 from ._group import main
 from ._training import training_fields, training_options

@@ -9,7 +9,7 @@ import click
 
 from ..errors import InputError
 from ..fileio import atomic_write_text, check_output_path
-from ..html_report import load_report, render_html, require_matplotlib
+from ..report.html import load_report, render_html, require_matplotlib
 from ._common import echo, quiet_option
 from ._group import main
 

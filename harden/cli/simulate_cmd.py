@@ -4,6 +4,7 @@ float32 weight faults), in onnxruntime, with optional gates at named fault point
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -11,10 +12,10 @@ from ..campaign import CampaignOptions, simulate
 from ..errors import GateFailed, InputError
 from ..fileio import atomic_write_many, check_outputs
 from ..gates import PointGate, failure_line
-from ..html_report import render_html, require_matplotlib
-from ..junit import junit_xml, point_cases
 from ..report import to_json
-from ..summary_md import simulate_summary_markdown
+from ..report.html import render_html, require_matplotlib
+from ..report.junit import junit_xml, point_cases
+from ..report.markdown import simulate_summary_markdown
 from ._common import quiet_option, show_progress
 from ._group import main
 
@@ -128,6 +129,8 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
         raise InputError("--min-accuracy / --max-drop gate a campaign's points; they do not apply to --show-trial")
     if html is not None:
         require_matplotlib()
+        if report is not None and Path(html).resolve() == Path(report).resolve():
+            raise InputError(f"--html {html} is the same path as --report; choose another path")
     named = [p for p in (report, html, summary_md, junit) if p is not None]
     if named:
         check_outputs(named, [model, data, *faultmaps])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from .hostcheck import warning_line
+from ..hostcheck import warning_line
 
 REPORT_SCHEMA = "harden.report/1"
 

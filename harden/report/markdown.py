@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import pass_note
+from . import pass_note
 
 
 def _cell(value: object) -> str:
