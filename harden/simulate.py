@@ -53,7 +53,8 @@ class ChipEvaluator:
         self.weight_names = [w.name for w in self.table]
         self.bias_names = [w.bias for w in self.table if w.bias]
         self.defaults = {n: get_initializer(model, n) for n in self.weight_names + self.bias_names}
-        self.session = session(weights_as_inputs(model, self.weight_names + self.bias_names))
+        self.session_model = weights_as_inputs(model, self.weight_names + self.bias_names)
+        self.session = session(self.session_model)
         self.data = data
         self.reference = reference
         self.batch = batch_size_for(model, 256)

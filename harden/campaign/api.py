@@ -246,7 +246,7 @@ def simulate(
         report["gates"] = point_gate_results(report, gates)
     if pl is not None:
         report["per_layer"] = campaign.per_layer_records(result, opts)
-    for kind in campaign._sessions:
+    for kind in campaign.side_sessions:
         key = "activation_faults" if kind == "activations" else kind
         report[key] = campaign.session_record(kind)
     if diagnostics:

@@ -19,13 +19,14 @@ from ..faults import (
     Fault,
     FaultModel,
     Injection,
+    Session,
     WeightSpace,
 )
 from ..simulate import ChipEvaluator, Reference
 from ..stats import summarize
 from .options import Baseline, CampaignOptions, CampaignResult, PerLayer, PointResult, TrialResult, trial_rng
 from .records import RecordsMixin
-from .sessions import SESSION_KINDS, check_precision
+from .sessions import SESSION_KINDS, WeightSession, check_precision
 
 
 class Campaign(RecordsMixin):
@@ -54,8 +55,9 @@ class Campaign(RecordsMixin):
             evaluator = ChipEvaluator(model, data, ref)
         self.evaluator = evaluator
         self._given_reference = Reference(evaluator.reference.target.copy(), evaluator.reference.kind)
-        self.values = evaluator.defaults  # the clean int8 weights and int32 biases
-        self.clean_pred = evaluator.predictions()
+        weights = WeightSession(evaluator, self.space)
+        self.values = weights.values  # the clean int8 weights and int32 biases
+        self.clean_pred = weights.clean
         self._self_reference = evaluator.reference.kind == "agreement" and evaluator.reference.target.size == 0
         if self._self_reference:
             evaluator.reference = Reference(self.clean_pred, "agreement")
@@ -64,7 +66,8 @@ class Campaign(RecordsMixin):
         self.n_correct = int(self.correct.sum())
         self.clean_accuracy = float(self.correct.mean())
         self.baseline = Baseline(self.clean_pred, self.target)
-        self._sessions: dict[str, tuple[object, Baseline]] = {}
+        #: every session a point ran on, by kind: (faults.Session, its clean baseline)
+        self._sessions: dict[str, tuple[Session, Baseline]] = {"weights": (weights, self.baseline)}
         for p in self.points:
             p.check(self.space_of(p))
 
@@ -111,12 +114,15 @@ class Campaign(RecordsMixin):
         return self.activations.space
 
     def space_of(self, model: FaultModel):
-        kind = self.kind_of(model)
-        return self.space if kind == "weights" else self.session(kind)[0].space
+        return self.session(model.space_kind)[0].space
 
     def baseline_of(self, point: int) -> Baseline:
-        kind = self.kind_of(self.points[point])
-        return self.baseline if kind == "weights" else self.session(kind)[1]
+        return self.session(self.points[point].space_kind)[1]
+
+    @property
+    def side_sessions(self) -> list[str]:
+        """The kinds of the sessions other than the weight session that points ran on."""
+        return [k for k in self._sessions if k != "weights"]
 
     # --- per-layer vulnerability -------------------------------------------------------------
 
@@ -155,10 +161,7 @@ class Campaign(RecordsMixin):
     def describe_trial(self, point: int, trial: int) -> list[Fault]:
         """Every faulty cell of the trial: (tensor, flat index, bit, kind, changes the value?).
         For activation faults the index is flat over [samples, ...] of the quantized tensor."""
-        inj = self.injection(point, trial)
-        if self.kind_of(self.points[point]) != "weights":
-            return [f._replace(changes=True) if f.kind == "flip" else f for f in inj.faults(None)]
-        return inj.faults(self.values)
+        return self.session(self.points[point].space_kind)[0].describe_faults(self.injection(point, trial))
 
     def faulty_values(self, point: int, trial: int) -> dict[str, np.ndarray]:
         """All int8 weights and int32 biases as the trial's faults leave them (faults that run
@@ -169,14 +172,9 @@ class Campaign(RecordsMixin):
 
     def run_trial(self, point: int, trial: int) -> TrialResult:
         inj = self.injection(point, trial)
-        base = self.baseline_of(point)
-        kind = self.kind_of(self.points[point])
-        if not inj.tensors:  # nothing hit: the clean predictions (the session is deterministic)
-            pred = base.clean_pred
-        elif kind != "weights":
-            pred = self.session(kind)[0].predictions(inj)
-        else:
-            pred = self.evaluator.predictions(inj.apply(self.values))
+        ses, base = self.session(self.points[point].space_kind)
+        # nothing hit: the clean predictions (the session is deterministic)
+        pred = ses.predictions(inj) if inj.tensors else base.clean_pred
         # A NaN logit row is predicted as NAN_CLASS (-1, data.top1): wrong, and an SDC-1 event
         # when the fault-free prediction was right; both figures need nothing more.
         acc = float(np.mean(pred == base.target))

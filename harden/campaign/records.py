@@ -101,14 +101,8 @@ class RecordsMixin:
         if self.per_layer is None:
             return []
         by_index = {pr.index: pr for pr in result.points}
-        ops = {}
-        for w in self.evaluator.table:
-            ops[w.name] = (w.op_type, w.node_name)
-            if w.bias:
-                ops[w.bias] = (w.op_type, w.node_name)
-        kind = self.kind_of(self.per_layer.base)
-        if kind != "weights":  # a side session may know its tensors' ops (fp32: `ops`)
-            ops.update(getattr(self.session(kind)[0], "ops", None) or {})
+        ops = dict(self.session("weights")[0].ops)
+        ops.update(self.session(self.per_layer.base.space_kind)[0].ops)  # a side session's tensors (fp32)
         sites = {s.name: s for s in self.act_space.sites} if self.is_activation(self.per_layer.base) else {}
         out = []
         for i, t in zip(self.per_layer.indices, self.per_layer.tensors):
@@ -149,7 +143,7 @@ class RecordsMixin:
         if kind not in self._sessions:
             return None
         ev, base = self._sessions[kind]
-        fused = self.evaluator.logits(None)
+        fused = self.session("weights")[0].clean_logits
         same = fused.shape == ev.clean_logits.shape
         clean = {
             "accuracy": round(base.clean_accuracy, 6),
@@ -158,13 +152,9 @@ class RecordsMixin:
             "max_abs_logit_difference": float(np.max(np.abs(fused.astype(np.float64) - ev.clean_logits))) if same else None,
             "predictions_identical": bool(np.array_equal(self.clean_pred, ev.clean)),
         }
-        compare = getattr(ev, "compare_fused", None)
-        if callable(compare):  # the session's own comparison (e.g. analog: top-1 agreement rate)
-            clean.update(compare(fused))
+        clean.update(ev.compare_fused(fused))  # the session's own comparison (e.g. analog: top-1 agreement rate)
         rec: dict = {"opset": int(next((o.version for o in ev.model.opset_import if o.domain in ("", "ai.onnx")), 0))}
-        info = getattr(ev, "session_info", None)
-        if callable(info):  # what the session says of itself (fp32: tensors, weights, bits, prepared)
-            rec.update(info())
+        rec.update(ev.session_info())  # what the session says of itself (fp32: tensors, weights, bits, prepared)
         if kind == "activations":
             rec.update(
                 sites=[

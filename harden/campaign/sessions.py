@@ -4,26 +4,52 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 
-from ..data import Dataset
+from ..data import Dataset, top1
 from ..errors import InputError
 from ..faults import (
     ActivationEvaluator,
     FaultModel,
+    Injection,
+    Session,
+    WeightSpace,
 )
 from ..faults.fp32 import FP32_KIND, FloatWeightEvaluator
 from ..faults.variability import AnalogEvaluator
+from ..simulate import ChipEvaluator
 
 
 def _analog_session(model: onnx.ModelProto, data: Dataset):
     return AnalogEvaluator(model, data)
 
 
-#: Side sessions by a fault model's `space_kind`: factory(model, data) -> an evaluator with
-#: `space` (what `sample` draws over), `clean`, `clean_logits`, `model` and
-#: `predictions(injection)`; optional: `compare_fused(logits)`, `session_info()`, `ops`
-#: (tensor -> (op type, node name)). "weights" is the campaign's own ChipEvaluator.
+class WeightSession(Session):
+    """The int8 weight session: the campaign's ChipEvaluator, whose graph takes the int8 weights
+    and int32 biases as inputs, seen through the Session protocol like every other kind."""
+
+    def __init__(self, evaluator: ChipEvaluator, space: WeightSpace):
+        self.evaluator = evaluator
+        self.space = space
+        self.model = evaluator.session_model
+        self.values = evaluator.defaults  # the clean int8 weights and int32 biases
+        self.clean_logits = evaluator.logits(None)
+        self.clean = top1(self.clean_logits)
+        self.ops = {}
+        for w in evaluator.table:
+            self.ops[w.name] = (w.op_type, w.node_name)
+            if w.bias:
+                self.ops[w.bias] = (w.op_type, w.node_name)
+
+    def predictions(self, injection: Injection | None = None) -> np.ndarray:
+        if injection is None or not injection.tensors:
+            return self.clean
+        return self.evaluator.predictions(injection.apply(self.values))
+
+
+#: Side sessions by a fault model's `space_kind`: factory(model, data) -> a faults.Session.
+#: "weights" (WeightSession) is built by the campaign itself around its ChipEvaluator.
 SESSION_KINDS: dict[str, Callable[[onnx.ModelProto, Dataset], object]] = {
     "activations": ActivationEvaluator,
     "analog": _analog_session,

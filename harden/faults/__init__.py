@@ -42,6 +42,7 @@ from .base import (
     Fault,
     FaultModel,
     Injection,
+    Session,
     Tensor,
     TensorFaults,
     WeightSpace,
@@ -54,7 +55,7 @@ from .stuckat import StuckAt, StuckAtParams
 
 __all__ = [
     "ActBitFlipParams", "ActivationBitFlip", "ActivationEvaluator", "ActivationSpace", "BitFlip", "BitFlipParams", "ChipFaults", "ChipParams",
-    "FP32BitFlip", "FP32BitFlipParams", "Fault", "FaultModel", "FloatWeightEvaluator", "Injection", "StuckAt",
+    "FP32BitFlip", "FP32BitFlipParams", "Fault", "FaultModel", "FloatWeightEvaluator", "Injection", "Session", "StuckAt",
     "StuckAtParams", "Tensor", "TensorFaults", "WeightSpace", "fault_model_names", "parse_fault_spec",
     "parse_rates", "register_fault_model", "sample_positions", "spec_parser",
 ]

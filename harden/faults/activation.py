@@ -36,6 +36,7 @@ from ..runtime import batch_size_for, session
 from .base import (
     Injection,
     ParamsFaultModel,
+    Session,
     Tensor,
     TensorFaults,
     check_tensor_names,
@@ -183,7 +184,7 @@ def rewrite_for_activation_faults(model: onnx.ModelProto, sites: list[Site]) -> 
     return m
 
 
-class ActivationEvaluator:
+class ActivationEvaluator(Session):
     """Predictions of the activation-fault session under the sparse masks of an `Injection`.
 
     Built once per model and data set; each call costs one inference pass. Masks are built a

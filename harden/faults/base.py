@@ -283,6 +283,45 @@ class FaultModel:
         raise InputError(f"--per-layer: fault model {self.name!r} cannot be restricted to one tensor")
 
 
+class Session:
+    """The session a campaign's trials run on (one per `space_kind`): the protocol with defaults.
+
+    A session holds one rewrite of the model on one data set: `space` (what a fault model's
+    `sample` draws over), `model` (the graph it runs), `clean_logits` / `clean` (its fault-free
+    outputs and top-1), and `predictions(injection)` (one inference pass under a trial's faults).
+    `values`: the clean tensors an injection applies to, when they are weights (None for
+    activations). Optional, with defaults: `ops` (tensor -> (op type, node name)),
+    `compare_fused(logits)` and `session_info()` for the report. The int8 weight session
+    (campaign/sessions.py: WeightSession) is one kind among activations, analog and fp32.
+    """
+
+    space: Any
+    model: onnx.ModelProto
+    clean_logits: np.ndarray
+    clean: np.ndarray
+    values: dict[str, np.ndarray] | None = None
+    ops: dict[str, tuple[str, str]] = {}
+
+    def predictions(self, injection: "Injection | None" = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def compare_fused(self, fused_logits: np.ndarray) -> dict:
+        """How this session's clean outputs compare with the weight session's (default: nothing more)."""
+        return {}
+
+    def session_info(self) -> dict:
+        """What the session says of itself in the report (default: nothing)."""
+        return {}
+
+    def describe_faults(self, injection: "Injection") -> list["Fault"]:
+        """Every faulty cell of an injection: against the clean values when there are some (so
+        a stuck cell that agrees with the stored bit is marked as changing nothing), else every
+        flip changes its bit."""
+        if self.values is None:
+            return [f._replace(changes=True) if f.kind == "flip" else f for f in injection.faults(None)]
+        return injection.faults(self.values)
+
+
 # --- sparse drawing --------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from ..simulate import weights_as_inputs
 from .base import (
     Injection,
     ParamsFaultModel,
+    Session,
     Tensor,
     TensorFaults,
     WeightSpace,
@@ -136,7 +137,7 @@ class FP32BitFlip(ParamsFaultModel):
 # --- the session ------------------------------------------------------------------------------
 
 
-class FloatWeightEvaluator:
+class FloatWeightEvaluator(Session):
     """The float model on one data set, its float32 weights as graph inputs of one session:
     predictions under any weight values (a trial's faulty copies).
 

@@ -46,6 +46,7 @@ from ..model import get_initializer, output_channel_axis, qdq_weights
 from ..runtime import batch_size_for, session
 from .base import (
     ParamsFaultModel,
+    Session,
     Tensor,
     WeightSpace,
     check_tensor_names,
@@ -329,7 +330,7 @@ def float_values(model: onnx.ModelProto, layers: list[AnalogLayer] | None = None
     return out
 
 
-class AnalogEvaluator:
+class AnalogEvaluator(Session):
     """The analog session of one int8 QDQ model on one data set: predictions under any float
     weights (nominal, a chip's, a tuned model's), and the layer outputs self-tuning measures.
 
