@@ -282,7 +282,7 @@ def apply_fleet(
         require_distributed()
     paths = expand_faultmaps(faultmap_paths)
     out_dir = Path(output_dir) if output_dir is not None else Path(model_path).with_name(f"{Path(model_path).stem}.hardened")
-    layout = get_layout(opts.layout) if opts.layout else None
+    layout = get_layout(opts.config().layout) if opts.layout else None
     ids, map_shas = [], []
     for p in paths:  # every HFM1 map checked before any work, none kept
         fm = read_chip(p, None)
@@ -308,8 +308,9 @@ def apply_fleet(
     # FAQ's calibration statistics are chip independent: collect them here, once.
     t0 = time.perf_counter()
     shared_evaluator = reference_evaluator(shared)
-    if opts.compensation or opts.bias_correction:
-        calibration_stats(shared.plain, shared.ctx, opts.calib_samples, opts.compensation)
+    cfg = opts.config()
+    if cfg.faq.needs_stats:
+        calibration_stats(shared.plain, shared.ctx, cfg.faq.calib_samples, cfg.faq.compensation)
     shared.records.append({"pass": "shared-stats", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
     run_key = _run_key(model_path, data_path, eval_data_path, opts)

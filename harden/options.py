@@ -1,13 +1,111 @@
-"""The options of `apply`, as one dataclass a notebook, the CLI and a fleet share."""
+"""The options of `apply`: a flat `ApplyOptions` to write (the CLI, a notebook, a fleet), resolved
+once into nested, validated, frozen configs (`Config`: clip, faq, campaign, training, layout),
+which is what the code reads. Every "None means the default" is resolved here and nowhere else.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+#: apply's default random-fault points: int8 weight flips and int32 bias flips.
+DEFAULT_FAULTS = ("bitflip:1e-3,1e-2", "bitflip-bias:1e-3")
+CLIP_STYLES = ("zero", "saturate")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Hybrid clipped activations: on or off, zero or saturate, and the threshold percentile
+    (None: chosen by the clip search on measured resilience)."""
+
+    enabled: bool = True
+    style: str = "zero"
+    percentile: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.style not in CLIP_STYLES:
+            raise InputError(f"clip style must be one of {', '.join(CLIP_STYLES)}, got {self.style!r}")
+        if self.percentile is not None and not (_number(self.percentile) and 50 <= self.percentile <= 100):
+            raise InputError(f"--clip-percentile must be in [50, 100], got {self.percentile!r}")
+
+    @property
+    def search(self) -> bool:
+        return self.enabled and self.percentile is None
+
+
+@dataclass(frozen=True)
+class FAQConfig:
+    """Fault-aware quantization: error feedback, bias correction, the samples their statistics use."""
+
+    compensation: bool = True
+    bias_correction: bool = True
+    calib_samples: int = 256
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
+            raise InputError(f"--calib-samples must be an integer >= 1, got {self.calib_samples!r}")
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.compensation or self.bias_correction
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """apply's resilience campaign: trials per random point (0: none) and its fault points;
+    `explicit` says the user named the points (a default point that cannot apply is left out,
+    an explicit one is an error)."""
+
+    trials: int = 30
+    faults: tuple[str, ...] = DEFAULT_FAULTS
+    explicit: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.trials, int) and self.trials >= 0):
+            raise InputError(f"--trials must be an integer >= 0, got {self.trials!r}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The torch steps between clip and quantize, with their defaults resolved: epochs 5 (--saq)
+    or 10 (--variability), lr 1e-3 or 5e-4, rho 0.5."""
+
+    saq: bool = False
+    clip_train: bool = False
+    variability: tuple[float, float] | None = None
+    train_data: str | None = None
+    epochs: int = 5
+    rho: float = 0.5
+    lr: float = 1e-3
+
+    @property
+    def finetune(self) -> bool:
+        return self.saq or self.variability is not None
+
+    @property
+    def steps(self) -> list[str]:
+        return [f for f, on in (("--saq", self.saq), ("--clip-train", self.clip_train), ("--variability", self.variability is not None)) if on]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `apply` reads, nested by concern."""
+
+    seed: int = 0
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    faq: FAQConfig = field(default_factory=FAQConfig)
+    campaign: CampaignConfig = field(default_factory=CampaignConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    layout: str | None = None  # a memory layout plugin spec, e.g. "tiled:rows=128,cols=128"; None: linear
+    passes: tuple[str, ...] = ()  # harden.passes plugins in the plan: NAME[@before:P|@after:P]
 
 
 @dataclass
 class ApplyOptions:
-    """Switches and knobs of `apply`; the defaults are what `harden apply` runs."""
+    """Switches and knobs of `apply`, flat as the CLI's flags; the defaults are what `harden
+    apply` runs. `config()` validates them and resolves every default (a `Config`)."""
 
     clip: bool = True
     clip_style: str = "zero"
@@ -28,3 +126,40 @@ class ApplyOptions:
     epochs: int | None = None  # None: 5 (--saq), 10 (with --variability)
     rho: float | None = None  # None: 0.5
     lr: float | None = None  # None: 1e-3 (--saq), 5e-4 (with --variability)
+
+    def config(self) -> Config:
+        """The nested configs, validated (InputError names the flag)."""
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise InputError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        steps = [f for f, on in (("--saq", self.saq), ("--clip-train", self.clip_train), ("--variability", self.variability is not None)) if on]
+        finetune = self.saq or self.variability is not None
+        for flag, value, ok, needs in (("--train-data", self.train_data, bool(steps), "--saq, --clip-train or --variability"),
+                                       ("--epochs", self.epochs, finetune, "--saq or --variability"),
+                                       ("--lr", self.lr, finetune, "--saq or --variability"),
+                                       ("--rho", self.rho, self.saq, "--saq")):
+            if value is not None and not ok:
+                raise InputError(f"{flag} only applies with {needs}")
+        if self.clip_train and not self.clip:
+            raise InputError("--clip-train trains the clip pass's thresholds; it cannot be used with --no-clip")
+        if self.epochs is not None and not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise InputError(f"--epochs must be an integer >= 1, got {self.epochs!r}")
+        if self.rho is not None and not (_number(self.rho) and self.rho >= 0):
+            raise InputError(f"--rho must be >= 0, got {self.rho!r}")
+        if self.lr is not None and not (_number(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be > 0, got {self.lr!r}")
+        var = self.variability
+        training = TrainingConfig(
+            saq=self.saq, clip_train=self.clip_train and self.clip, variability=None if var is None else (float(var[0]), float(var[1])),
+            train_data=self.train_data, epochs=self.epochs or (10 if var else 5), rho=0.5 if self.rho is None else self.rho,
+            lr=self.lr or (5e-4 if var else 1e-3))
+        return Config(
+            seed=self.seed,
+            clip=ClipConfig(self.clip, self.clip_style, self.clip_percentile),
+            faq=FAQConfig(self.compensation, self.bias_correction, self.calib_samples),
+            campaign=CampaignConfig(self.trials, tuple(self.faults) if self.faults is not None else DEFAULT_FAULTS,
+                                    self.faults is not None),
+            training=training, layout=self.layout, passes=tuple(self.passes))
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

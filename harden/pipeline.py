@@ -33,12 +33,12 @@ from .fileio import atomic_write_many, check_outputs, file_record
 from .hostcheck import fused_host_record
 from .memory import MemoryMap, get_layout, model_layout_tensors
 from .model import get_metadata, is_qdq_int8, load_model, qdq_weights
-from .options import ApplyOptions
+from .options import ApplyOptions, Config
 from .passes import Pass, PassContext, PassManager, Snapshot, rerun_without, resume_point, run_passes, skipped_record
 from .passes.faq import FAQPass
 from .plan import ablation_plans, plan
 from .report import REPORT_SCHEMA, to_json
-from .resilience import DEFAULT_FAULTS, measure
+from .resilience import measure
 from .simulate import (
     ChipEvaluator,
     Reference,
@@ -97,18 +97,19 @@ class Shared:
 def build_shared(model: onnx.ModelProto, calib: Dataset, evald: Dataset, opts: ApplyOptions, say: Callable[[str], None],
                  train: Dataset | None = None) -> Shared:
     """Run the chip-independent plan (plan.py): everything that does not depend on the chip."""
-    ctx = PassContext(calib=calib, seed=opts.seed, progress=say)
+    cfg = opts.config()
+    ctx = PassContext(calib=calib, seed=cfg.seed, progress=say)
     if is_qdq_int8(model):
-        if opts.passes:
+        if cfg.passes:
             raise InputError("--pass runs in the plan that builds the int8 model; this model is already int8 QDQ")
         qmodel, float_model, passes, snaps = model, None, [], []
         records = [skipped_record("quantize", "model is already int8 QDQ")]
     else:
-        passes = plan(opts, train)
+        passes = plan(cfg, train)
         # Snapshots: the prepared float model (the float reference), and with a campaign the
         # points the ablation's variants rerun from.
         keep = {"simplify"} | ({resume_point(passes, removed) for _, _, removed in ablation_plans(passes) if removed}
-                               if opts.trials > 0 else set())
+                               if cfg.campaign.trials > 0 else set())
         result = PassManager(passes, snapshots=keep).run(model, ctx)
         qmodel, records, snaps = result.model, result.records, result.snapshots
         float_model = next(s.model for s in snaps if s.after == "simplify")
@@ -132,14 +133,14 @@ def quantize(
     calibration samples: without `eval_data_path`, the part of --data apply fits on), so the
     baseline can be simulated without hardening for a fault-free map."""
     opts = options or ApplyOptions()
-    check_training(opts)
+    cfg = check_training(opts)
     out_path = Path(output) if output is not None else Path(model_path).with_name(f"{Path(model_path).stem}.int8.onnx")
     if write:
-        check_outputs([out_path], [model_path, data_path, eval_data_path, opts.train_data])
+        check_outputs([out_path], [model_path, data_path, eval_data_path, cfg.training.train_data])
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     model, calib, evald, eval_record = load_inputs(model_path, data_path, eval_data_path)
-    train = load_npz(opts.train_data, model, role="training data") if opts.train_data else None
+    train = load_npz(cfg.training.train_data, model, role="training data") if cfg.training.train_data else None
     shared = build_shared(model, calib, evald, replace(opts, trials=0), say, train)
     report = {
         "schema": REPORT_SCHEMA, "harden_version": __version__, "command": "quantize",
@@ -165,8 +166,9 @@ def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator:
     """
     model = onnx.ModelProto()
     model.CopyFrom(shared.plain)
-    faq = FAQPass(fm, compensate=opts.compensation, bias_correction=opts.bias_correction, calib_samples=opts.calib_samples,
-                  layout=opts.layout)
+    cfg = opts.config()
+    faq = FAQPass(fm, compensate=cfg.faq.compensation, bias_correction=cfg.faq.bias_correction, calib_samples=cfg.faq.calib_samples,
+                  layout=cfg.layout)
     hardened, records = run_passes(model, [faq], shared.ctx)
     t0 = time.perf_counter()
     results = evaluate_on_chip(shared, hardened, fm, evaluator, host_check)
@@ -220,21 +222,20 @@ def apply(
 
     # 1. Read and check every input before any work.
     out_path = Path(output) if output is not None else default_output(model_path)
-    inputs = [model_path, faultmap_path, data_path, eval_data_path, opts.train_data]
-    check_training(opts)
+    cfg = check_training(opts)  # every option validated and resolved (options.py) before any work
+    inputs = [model_path, faultmap_path, data_path, eval_data_path, cfg.training.train_data]
     if write:
         if report_path is not None and Path(report_path).resolve() == out_path.resolve():
             raise InputError(f"--report {report_path} is the same path as the output model")
         check_outputs([out_path, *([report_path] if report_path is not None else []), *(extra_outputs or {})], inputs)
-    specs = opts.faults if opts.faults is not None else DEFAULT_FAULTS
-    points = [m for spec in specs for m in parse_fault_spec(spec)] if opts.trials > 0 else []
+    points = [m for spec in cfg.campaign.faults for m in parse_fault_spec(spec)] if cfg.campaign.trials > 0 else []
     if any(p.precision != "int8" for p in points):
         raise InputError("apply's campaign runs on the int8 models it builds: use int8 fault models "
                          "(bitflip, bitflip-bias, stuckat, bitflip-act); simulate the float model for bitflip-fp32")
     say("load")
     model, calib, evald, eval_record = load_inputs(model_path, data_path, eval_data_path)
-    train = load_npz(opts.train_data, model, role="training data") if opts.train_data else None
-    layout = get_layout(opts.layout) if opts.layout else None
+    train = load_npz(cfg.training.train_data, model, role="training data") if cfg.training.train_data else None
+    layout = get_layout(cfg.layout) if cfg.layout else None
     fm = read_chip(faultmap_path, None)  # a CSV map waits for the model's weight count
     if layout is not None and fm is not None:
         layout.check(fm.num_words)
@@ -245,12 +246,13 @@ def apply(
     say("faq")
     hardened, recs, results = harden_for_chip(shared, fm, opts)
     records = shared.records + recs
-    if opts.trials > 0:
+    if cfg.campaign.trials > 0:
         say("campaign")
         t0 = time.perf_counter()
-        points, skipped = fitting_points(points, shared.plain, explicit=opts.faults is not None)
-        variants = _variants(shared, hardened, opts)
-        results["resilience"] = measure(variants, evald, shared.reference()[1], [ChipFaults(fm, layout=opts.layout), *points], trials=opts.trials, seed=opts.seed)
+        points, skipped = fitting_points(points, shared.plain, explicit=cfg.campaign.explicit)
+        variants = _variants(shared, hardened)
+        results["resilience"] = measure(variants, evald, shared.reference()[1], [ChipFaults(fm, layout=cfg.layout), *points],
+                                        trials=cfg.campaign.trials, seed=cfg.seed)
         if skipped:
             results["resilience"]["skipped_points"] = skipped
         records.append({"pass": "campaign", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
@@ -308,7 +310,7 @@ def fitting_points(points: list, model: onnx.ModelProto, *, explicit: bool) -> t
     return keep, skipped
 
 
-def _variants(shared: Shared, hardened: onnx.ModelProto, opts: ApplyOptions) -> list[tuple[str, str | None, onnx.ModelProto]]:
+def _variants(shared: Shared, hardened: onnx.ModelProto) -> list[tuple[str, str | None, onnx.ModelProto]]:
     """The model after each pass, for the ablation: int8 [-> +clip] [-> +training] -> hardened,
     each the plan with passes removed (plan.ablation_plans), rerun from the snapshots."""
     if shared.float_model is None:
@@ -362,30 +364,18 @@ def evaluate_on_chip(shared: Shared, hardened: onnx.ModelProto, fm: FaultMap, ev
     return out
 
 
-def check_training(opts: ApplyOptions) -> None:
-    """Training knobs only with a step that uses them, and torch present (else exit 2 with the hint)."""
-    steps = [f for f, on in (("--saq", opts.saq), ("--clip-train", opts.clip_train), ("--variability", opts.variability is not None)) if on]
-    finetune = opts.saq or opts.variability is not None
-    for flag, value, ok, needs in (("--train-data", opts.train_data, bool(steps), "--saq, --clip-train or --variability"),
-                                   ("--epochs", opts.epochs, finetune, "--saq or --variability"),
-                                   ("--lr", opts.lr, finetune, "--saq or --variability"),
-                                   ("--rho", opts.rho, opts.saq, "--saq")):
-        if value is not None and not ok:
-            raise InputError(f"{flag} only applies with {needs}")
-    if opts.clip_train and not opts.clip:
-        raise InputError("--clip-train trains the clip pass's thresholds; it cannot be used with --no-clip")
-    if not steps:
-        return
+def check_training(opts: ApplyOptions) -> Config:
+    """The options validated and resolved (options.py), and torch present when a training step
+    asks for it (else exit 2 with the install hint)."""
+    cfg = opts.config()
+    t = cfg.training
+    if not t.steps:
+        return cfg
     from .train import require_torch
 
-    require_torch(" and ".join(steps))
-    if opts.epochs is not None and not (isinstance(opts.epochs, int) and opts.epochs >= 1):
-        raise InputError(f"--epochs must be an integer >= 1, got {opts.epochs!r}")
-    if opts.rho is not None and not opts.rho >= 0:
-        raise InputError(f"--rho must be >= 0, got {opts.rho!r}")
-    if opts.lr is not None and not opts.lr > 0:
-        raise InputError(f"--lr must be > 0, got {opts.lr!r}")
-    if opts.variability is not None:
+    require_torch(" and ".join(t.steps))
+    if t.variability is not None:
         from .train.variability import check_sigmas
 
-        check_sigmas(*opts.variability)
+        check_sigmas(*t.variability)
+    return cfg

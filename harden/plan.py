@@ -18,7 +18,7 @@ from . import plugins
 from .clip_search import ClipSearchPass
 from .data import Dataset
 from .errors import InputError
-from .options import ApplyOptions
+from .options import Config, TrainingConfig
 from .passes import Pass
 from .passes.clip import ClipPass
 from .passes.prepare import PreparePass
@@ -32,16 +32,16 @@ CLIP_PASSES = ("clip-search", "clip")
 _PLACE = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(@(?P<where>before|after):(?P<anchor>[A-Za-z0-9_.-]+))?$")
 
 
-def plan(opts: ApplyOptions, train: Dataset | None = None) -> list[Pass]:
-    """The chip-independent passes `apply` runs for these options, in order."""
+def plan(cfg: Config, train: Dataset | None = None) -> list[Pass]:
+    """The chip-independent passes `apply` runs for this configuration, in order."""
     passes: list[Pass] = [PreparePass()]
-    if opts.clip:
-        if opts.clip_percentile is None:
-            passes.append(ClipSearchPass(opts.clip_style))
-        passes.append(ClipPass(opts.clip_style, opts.clip_percentile))  # None: the search's choice
-    passes += training_passes(opts, train)
+    if cfg.clip.enabled:
+        if cfg.clip.search:
+            passes.append(ClipSearchPass(cfg.clip.style))
+        passes.append(ClipPass(cfg.clip.style, cfg.clip.percentile))  # None: the search's choice
+    passes += training_passes(cfg.training, cfg.seed, train)
     passes.append(QuantizePass())
-    for spec in opts.passes:
+    for spec in cfg.passes:
         passes = place(passes, spec)
     return passes
 
@@ -66,29 +66,27 @@ def place(passes: list[Pass], spec: str) -> list[Pass]:
     return [*passes[:i], p, *passes[i:]]
 
 
-def training_passes(opts: ApplyOptions, train: Dataset | None) -> list[Pass]:
+def training_passes(t: TrainingConfig, seed: int, train: Dataset | None) -> list[Pass]:
     """The torch passes between clip and quantize (imported only when asked for: the core never
     needs torch): clip-train (ProAct), then saq / variability (one fine-tune, with noise when asked)."""
     passes: list[Pass] = []
-    if opts.clip_train and opts.clip:
+    if t.clip_train:
         from .passes.proact import ProActPass
         from .train.proact import ProActConfig
 
-        passes.append(ProActPass(ProActConfig(seed=opts.seed), train))
-    if opts.saq or opts.variability is not None:
+        passes.append(ProActPass(ProActConfig(seed=seed), train))
+    if t.finetune:
         from .passes.saq import SAQPass
         from .train.saq import SAQConfig
 
-        var = opts.variability
         noise = None
-        if var is not None:
+        if t.variability is not None:
             from .train.variability import lognormal_noise
 
-            noise = lognormal_noise(*var)
-        cfg = SAQConfig(epochs=opts.epochs or (10 if var else 5), lr=opts.lr or (5e-4 if var else 1e-3),
-                        rho=0.5 if opts.rho is None else opts.rho, sam=opts.saq, seed=opts.seed)
-        name = "saq" if opts.saq else "variability"
-        passes.append(SAQPass(cfg, train, noise, label="--" + name, name=name, variability=var))
+            noise = lognormal_noise(*t.variability)
+        cfg = SAQConfig(epochs=t.epochs, lr=t.lr, rho=t.rho, sam=t.saq, seed=seed)
+        name = "saq" if t.saq else "variability"
+        passes.append(SAQPass(cfg, train, noise, label="--" + name, name=name, variability=t.variability))
     return passes
 
 

@@ -20,9 +20,6 @@ from .faults import FaultModel
 from .simulate import ChipEvaluator, Reference
 from .stats import summarize
 
-#: apply's default random-fault points: int8 weight flips and int32 bias flips.
-DEFAULT_FAULTS = ("bitflip:1e-3,1e-2", "bitflip-bias:1e-3")
-
 
 def measure(
     variants: Sequence[tuple[str, str | None, onnx.ModelProto]],
