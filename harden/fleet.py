@@ -55,6 +55,7 @@ from .pipeline import (
     reference_evaluator,
 )
 from .report import REPORT_SCHEMA, to_json
+from .report.types import ChipRecord, FleetSummary
 
 FLEET_MAP_SUFFIXES = (".bin", ".hfm", ".csv")
 
@@ -236,7 +237,7 @@ def _run_key(model_path, data_path, eval_data_path, opts: ApplyOptions) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _chip_record(name: str, path: Path, out: Path, result: ChipResult) -> dict:
+def _chip_record(name: str, path: Path, out: Path, result: ChipResult) -> ChipRecord:
     _, records, res, fm_summary, secs = result
     return {
         "chip": name,
@@ -377,7 +378,7 @@ class _IdOnly:
         self.chip_id = chip_id
 
 
-def fleet_summary(chips: list[dict], yield_at: float | None) -> dict:
+def fleet_summary(chips: list[ChipRecord], yield_at: float | None) -> FleetSummary:
     """Distribution of plain and hardened accuracy over the fleet, and the yield at a target.
 
     The default target is the fault-free int8 accuracy minus 2 points.

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from .errors import InputError
 from .faults import parse_fault_spec
+from .report.types import ApplyGate
 
 #: The gate kinds, as their options name them.
 KINDS = ("min-accuracy", "max-drop")
@@ -42,7 +43,7 @@ def check(kind: str, threshold: float, accuracy: float, clean: float | None = No
     raise ValueError(f"unknown gate kind {kind!r}")
 
 
-def gate_results(report: dict, min_accuracy: float | None = None, max_drop: float | None = None) -> list[dict]:
+def gate_results(report: dict, min_accuracy: float | None = None, max_drop: float | None = None) -> list[ApplyGate]:
     """apply's gates: one record per gate given: gate, threshold, value, passed, and the failure line."""
     acc = report["results"]["accuracy"]
     hardened = acc["hardened_on_chip"]

@@ -13,10 +13,11 @@ import onnx
 
 from .arithmetic import TOLERANCE, host_features
 from .data import Dataset, accuracy, top1
+from .report.types import HostOnnxruntime
 from .runtime import batch_size_for, run_batched, session
 
 
-def fused_host_record(model: onnx.ModelProto, data: Dataset, target: np.ndarray, chip_logits: np.ndarray) -> dict:
+def fused_host_record(model: onnx.ModelProto, data: Dataset, target: np.ndarray, chip_logits: np.ndarray) -> HostOnnxruntime:
     """Both accuracies of the fault-free `model`: the chip's arithmetic and this host's fused kernels.
 
     `chip_logits` are the model's fault-free logits in the chip's arithmetic (already computed
@@ -35,14 +36,3 @@ def fused_host_record(model: onnx.ModelProto, data: Dataset, target: np.ndarray,
         "max_logit_difference": round(float(np.max(np.abs(chip_logits - logits))), 6) if len(logits) else 0.0,
         "differs": differing_samples > TOLERANCE["accuracy_samples"],
     }
-
-
-def warning_line(record: dict | None) -> str | None:
-    """The one-line warning `apply` prints when this host's onnxruntime parts from the chip."""
-    if not record or not record.get("differs"):
-        return None
-    flags = ", ".join(record["host"]["int8_flags"]) or "unknown CPU flags"
-    return (f"warning: onnxruntime's fused int8 kernels on this host ({record['host']['machine']}: {flags}) run the "
-            f"written model at {100 * record['accuracy_onnxruntime_fused']:.2f}% where the chip's arithmetic gives "
-            f"{100 * record['accuracy_chip_arithmetic']:.2f}%; deploy on CPUs with VNNI or with "
-            f"session option session.disable_quant_qdq=1 (docs/arithmetic.md)")

@@ -38,6 +38,7 @@ from .passes import Pass, PassContext, PassManager, Snapshot, rerun_without, res
 from .passes.faq import FAQPass
 from .plan import ablation_plans, plan
 from .report import REPORT_SCHEMA, to_json
+from .report.types import Results
 from .resilience import measure
 from .simulate import (
     ChipEvaluator,
@@ -326,7 +327,7 @@ def reference_evaluator(shared: Shared) -> ChipEvaluator:
 
 
 def evaluate_on_chip(shared: Shared, hardened: onnx.ModelProto, fm: FaultMap, evaluator: ChipEvaluator | None = None,
-                     host_check: bool = True) -> dict:
+                     host_check: bool = True) -> Results:
     """Accuracy of float, int8, plain int8 on the chip, hardened fault-free and hardened on the chip.
 
     Every figure uses the chip's arithmetic (arithmetic.py); `host_check` adds what this host's

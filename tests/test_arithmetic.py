@@ -17,19 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import exact_reference as xr
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-import exact_reference as xr
 from harden.arithmetic import TOLERANCE, describe, fused_kernels_exact
 from harden.data import Dataset
 from harden.faultmap import read_faultmap
-from harden.hostcheck import warning_line
 from harden.model import get_metadata
 from harden.pipeline import ApplyOptions, apply
+from harden.report import warning_line
 from harden.simulate import ChipEvaluator, Reference
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from ..hostcheck import warning_line
-
 REPORT_SCHEMA = "harden.report/1"
 
 
@@ -124,3 +122,14 @@ def fleet_table(report: dict) -> str:
         f"  shared work {report['timings']['shared']:.2f}s, then {report['timings']['per_chip']:.3f}s per chip",
     ]
     return "\n".join(lines)
+
+
+def warning_line(record: dict | None) -> str | None:
+    """The one-line warning `apply` prints when this host's onnxruntime parts from the chip."""
+    if not record or not record.get("differs"):
+        return None
+    flags = ", ".join(record["host"]["int8_flags"]) or "unknown CPU flags"
+    return (f"warning: onnxruntime's fused int8 kernels on this host ({record['host']['machine']}: {flags}) run the "
+            f"written model at {100 * record['accuracy_onnxruntime_fused']:.2f}% where the chip's arithmetic gives "
+            f"{100 * record['accuracy_chip_arithmetic']:.2f}%; deploy on CPUs with VNNI or with "
+            f"session option session.disable_quant_qdq=1 (docs/arithmetic.md)")

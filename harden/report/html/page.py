@@ -23,8 +23,7 @@ from typing import Any
 
 from ...errors import InputError
 from ...fileio import read_input
-from ...hostcheck import warning_line
-from .. import REPORT_SCHEMA, pass_note
+from .. import REPORT_SCHEMA, pass_note, warning_line
 from .markup import (
     _H,
     MAX_ROWS,
