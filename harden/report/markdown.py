@@ -18,6 +18,13 @@ def _cell(value: object) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'")
 
 
+def _verdict(gates: list[dict]) -> str:
+    """The summary's first word on the gates."""
+    if not gates:
+        return "no gates given"
+    return "**FAILED**" if any(not g["passed"] for g in gates) else "passed"
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
@@ -30,8 +37,7 @@ def summary_markdown(report: dict, gates: list[dict] | None = None) -> str:
     fm = report["inputs"]["faultmap"]
     model = Path(report["inputs"]["model"]["path"]).name
     chip = fm.get("chip_id") or "?"
-    failed = [g for g in gates if not g["passed"]]
-    verdict = "no gates given" if not gates else ("**FAILED**" if failed else "passed")
+    verdict = _verdict(gates)
     scored = "labels" if res["reference"] == "labels" else f"top-1 agreement with the {res.get('reference_model', 'float')} model"
 
     out = [f"### harden: `{_cell(model)}` on chip `{_cell(chip)}`", ""]
@@ -81,8 +87,7 @@ def fleet_summary_markdown(report: dict, gates: list[dict] | None = None) -> str
     gates = gates or []
     fleet = report["fleet"]
     model = Path(report["inputs"]["model"]["path"]).name
-    failed = [g for g in gates if not g["passed"]]
-    verdict = "no gates given" if not gates else ("**FAILED**" if failed else "passed")
+    verdict = _verdict(gates)
     out = [f"### harden: `{_cell(model)}` on a fleet of {fleet['chips']} chips", "",
            f"Gates: {verdict}. Fault-free int8 {_pct(fleet['int8'])}.", "",
            "| | mean | worst | 5th percentile | median | yield at " + _pct(fleet["yield_target"]) + " |",
@@ -112,8 +117,7 @@ def simulate_summary_markdown(report: dict) -> str:
     """The Markdown page for a `simulate` report: every point with its interval, and its gates."""
     gates = report.get("gates") or []
     model = Path(report["inputs"]["model"]["path"]).name
-    failed = [g for g in gates if not g["passed"]]
-    verdict = "no gates given" if not gates else ("**FAILED**" if failed else "passed")
+    verdict = _verdict(gates)
     c = report["clean"]
     out = [f"### harden simulate: `{_cell(model)}`", "",
            f"Gates: {verdict}. Fault-free accuracy {_pct(c['accuracy'])} on {c['samples']} samples.", "",
