@@ -312,6 +312,7 @@ def apply_fleet(
     cfg = opts.config()
     if cfg.faq.needs_stats:
         calibration_stats(shared.plain, shared.ctx, cfg.faq.calib_samples, cfg.faq.compensation)
+    shared.ctx.progress = None  # each chip is reported by on_chip, not pass by pass
     shared.records.append({"pass": "shared-stats", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
     run_key = _run_key(model_path, data_path, eval_data_path, opts)

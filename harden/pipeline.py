@@ -244,14 +244,17 @@ def apply(
     shared = build_shared(model, calib, evald, opts, say, train)
     if fm is None:
         fm = read_chip(faultmap_path, shared.num_words if layout is None else layout.words_needed(model_layout_tensors(shared.plain)))
-    say("faq")
     hardened, recs, results = harden_for_chip(shared, fm, opts)
     records = shared.records + recs
     if cfg.campaign.trials > 0:
-        say("campaign")
         t0 = time.perf_counter()
         points, skipped = fitting_points(points, shared.plain, explicit=cfg.campaign.explicit)
         variants = _variants(shared, hardened)
+        # The estimate: the on-chip evaluation just made about five passes over the data.
+        one_pass = next(r["seconds"] for r in recs if r["pass"] == "simulate") / 5
+        passes = len(variants) * (2 + cfg.campaign.trials * sum(not p.deterministic for p in points))
+        say(f"campaign: {len(variants)} models x {len(points) + 1} points, {passes} evaluation passes, "
+            f"about {passes * one_pass:.0f} s")
         results["resilience"] = measure(variants, evald, shared.reference()[1], [ChipFaults(fm, layout=cfg.layout), *points],
                                         trials=cfg.campaign.trials, seed=cfg.seed)
         if skipped:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,20 @@ def test_junit_xml_and_markdown_for_simulate_and_fleets(tmp_path, residual_cnn, 
     assert names == ["--min-accuracy bitflip:0.001=0.5", "--min-accuracy bitflip:0.1=0.5"]
     assert suite.get("failures") == "1"
     assert "bitflip:0.1" in md.read_text() and "**FAIL**" in md.read_text()
+
+
+def test_apply_logs_one_line_per_stage_without_a_terminal(tmp_path):
+    """Issue 12: in a CI log (no terminal) apply says where the time goes, one line per step,
+    and estimates the campaign before it starts; --quiet silences it."""
+    s = Path(__file__).resolve().parent.parent / "samples"
+    argv = [sys.executable, "-m", "harden", "apply", str(s / "model.onnx"), "--faultmap", str(s / "chip.bin"), "--data",
+            str(s / "calib.npz"), "--clip-percentile", "100", "--trials", "2", "-o", str(tmp_path / "h.onnx")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    stages = [line.split("] ", 1)[1] for line in lines]
+    assert [st.split(":")[0] for st in stages] == ["load", "simplify", "clip", "quantize", "faq", "campaign", "write"]
+    assert all(line.startswith("harden apply: [") for line in lines)
+    assert re.search(r"campaign: 3 models x 4 points, \d+ evaluation passes, about \d+ s", proc.stderr)
+    quiet = subprocess.run(argv + ["--quiet", "-o", str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable
 
 import click
@@ -39,6 +40,18 @@ class HardenGroup(click.Group):
                 raise
             click.echo(f"internal error: {type(exc).__name__}: {exc} (set HARDEN_DEBUG=1 for a traceback)", err=True)
             ctx.exit(3)
+
+
+def stage_printer(quiet: bool, command: str) -> Callable[[str], None] | None:
+    """Progress on long work: "  ... stage" lines on a terminal; without one (a CI log), one
+    line per stage with the time since the start, so a log shows where the minutes went.
+    Nothing with --quiet."""
+    if quiet:
+        return None
+    if sys.stderr.isatty():
+        return lambda stage: click.echo(f"  ... {stage}", err=True)
+    started = time.perf_counter()
+    return lambda stage: click.echo(f"harden {command}: [{time.perf_counter() - started:7.1f}s] {stage}", err=True)
 
 
 def show_progress(quiet: bool) -> bool:

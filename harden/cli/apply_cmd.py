@@ -16,7 +16,7 @@ from ..report import fleet_table, summary_table, to_json
 from ..report.html import render_html, require_matplotlib
 from ..report.junit import apply_cases, junit_xml
 from ..report.markdown import fleet_summary_markdown, summary_markdown
-from ._common import quiet_option, show_progress
+from ._common import quiet_option, stage_printer
 from ._group import main
 from ._training import training_fields, training_options
 
@@ -91,9 +91,7 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
         **({"faults": tuple(faults)} if faults else {}),
         **training_fields(training),
     )
-    progress = None
-    if show_progress(quiet):
-        progress = lambda stage: click.echo(f"  ... {stage}", err=True)  # noqa: E731
+    progress = stage_printer(quiet or as_json, "apply")
     if len(faultmaps) > 1 or Path(faultmaps[0]).is_dir():
         _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, cluster, yield_at, summary_md, html, min_accuracy, max_drop,
                      as_json, quiet, progress, junit)
