@@ -123,17 +123,19 @@ def test_junit_xml_and_markdown_for_simulate_and_fleets(tmp_path, residual_cnn, 
 
 
 def test_apply_logs_one_line_per_stage_without_a_terminal(tmp_path):
-    """Issue 12: in a CI log (no terminal) apply says where the time goes, one line per step,
-    and estimates the campaign before it starts; --quiet silences it."""
+    """Issue 12: in a CI log (no terminal) `--progress` makes apply say where the time goes, one
+    line per step, and estimate the campaign before it starts; without it (or with --quiet) a
+    run without a terminal prints nothing on stderr."""
     s = Path(__file__).resolve().parent.parent / "samples"
     argv = [sys.executable, "-m", "harden", "apply", str(s / "model.onnx"), "--faultmap", str(s / "chip.bin"), "--data",
             str(s / "calib.npz"), "--clip-percentile", "100", "--trials", "2", "-o", str(tmp_path / "h.onnx")]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv + ["--progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     stages = [line.split("] ", 1)[1] for line in lines]
     assert [st.split(":")[0] for st in stages] == ["load", "simplify", "clip", "quantize", "faq", "campaign", "write"]
     assert all(line.startswith("harden apply: [") for line in lines)
     assert re.search(r"campaign: 3 models x 4 points, \d+ evaluation passes, about \d+ s", proc.stderr)
-    quiet = subprocess.run(argv + ["--quiet", "-o", str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
-    assert quiet.returncode == 0 and quiet.stderr == ""
+    for extra in (["--progress", "--quiet"], []):
+        quiet = subprocess.run(argv + extra + ["-o", str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
+        assert quiet.returncode == 0 and quiet.stderr == ""

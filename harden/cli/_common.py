@@ -42,16 +42,25 @@ class HardenGroup(click.Group):
             ctx.exit(3)
 
 
-def stage_printer(quiet: bool, command: str) -> Callable[[str], None] | None:
-    """Progress on long work: "  ... stage" lines on a terminal; without one (a CI log), one
-    line per stage with the time since the start, so a log shows where the minutes went.
-    Nothing with --quiet."""
+def stage_printer(quiet: bool, command: str, lines: bool = False) -> Callable[[str], None] | None:
+    """Progress on long work: "  ... stage" lines on a terminal; with `lines` (--progress, for a
+    CI log), one line per stage with the time since the start even without a terminal, so a log
+    shows where the minutes went. Nothing with --quiet, and without a terminal nothing unless
+    asked: a bad input's output stays its one `error:` line."""
     if quiet:
         return None
+    if lines:
+        started = time.perf_counter()
+        return lambda stage: click.echo(f"harden {command}: [{time.perf_counter() - started:7.1f}s] {stage}", err=True)
     if sys.stderr.isatty():
         return lambda stage: click.echo(f"  ... {stage}", err=True)
-    started = time.perf_counter()
-    return lambda stage: click.echo(f"harden {command}: [{time.perf_counter() - started:7.1f}s] {stage}", err=True)
+    return None
+
+
+def progress_option(func: Callable) -> Callable:
+    """The shared --progress flag (also HARDEN_PROGRESS=1)."""
+    return click.option("--progress", "progress_lines", is_flag=True, envvar="HARDEN_PROGRESS",
+                        help="One line per step with the time since the start, also without a terminal (a CI log).")(func)
 
 
 def show_progress(quiet: bool) -> bool:

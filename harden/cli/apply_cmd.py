@@ -16,7 +16,7 @@ from ..report import fleet_table, summary_table, to_json
 from ..report.html import render_html, require_matplotlib
 from ..report.junit import apply_cases, junit_xml
 from ..report.markdown import fleet_summary_markdown, summary_markdown
-from ._common import quiet_option, stage_printer
+from ._common import progress_option, quiet_option, stage_printer
 from ._group import main
 from ._training import training_fields, training_options
 
@@ -57,10 +57,11 @@ from ._training import training_fields, training_options
 @click.option("--yield-at", type=click.FloatRange(0, 1), default=None, help="Fleet: report the share of chips at or above this accuracy (default: fault-free int8 - 0.02).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
 @training_options
+@progress_option
 @quiet_option
 def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
                   compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
-                  quiet, **training):
+                  progress_lines, quiet, **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
     Simplifies the model, clips its activations, quantizes it to int8 (QDQ), remaps every weight
@@ -91,7 +92,7 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
         **({"faults": tuple(faults)} if faults else {}),
         **training_fields(training),
     )
-    progress = stage_printer(quiet or as_json, "apply")
+    progress = stage_printer(quiet or as_json, "apply", progress_lines)
     if len(faultmaps) > 1 or Path(faultmaps[0]).is_dir():
         _apply_fleet(model, faultmaps, data, output, report, eval_data, opts, jobs, cluster, yield_at, summary_md, html, min_accuracy, max_drop,
                      as_json, quiet, progress, junit)
