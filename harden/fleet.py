@@ -39,7 +39,7 @@ from .cluster import (
     worker_count,
 )
 from .errors import InputError
-from .faultmap import FaultMap, faultmap_from_bytes
+from .faultmap import FaultMap, faultmap_from_bytes, is_csv_map
 from .fileio import atomic_write_bytes, atomic_write_text, file_record, output_errors, read_input, sha256_of
 from .hostcheck import fused_host_record
 from .memory import get_layout, model_layout_tensors
@@ -76,11 +76,11 @@ def expand_faultmaps(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def chip_names(maps: Sequence[FaultMap | None], paths: Sequence[Path]) -> list[str]:
+def chip_names(chip_ids: Sequence[str | None], paths: Sequence[Path]) -> list[str]:
     """A file-safe name per chip: its chip_id, else the file's stem; duplicates get a suffix."""
     names, seen = [], {}
-    for fm, path in zip(maps, paths):
-        raw = (fm.chip_id if fm is not None and fm.chip_id else None) or path.stem
+    for chip_id, path in zip(chip_ids, paths):
+        raw = chip_id or path.stem
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(raw)).strip("._") or "chip"
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
@@ -283,18 +283,17 @@ def apply_fleet(
         require_distributed()
     paths = expand_faultmaps(faultmap_paths)
     out_dir = Path(output_dir) if output_dir is not None else Path(model_path).with_name(f"{Path(model_path).stem}.hardened")
-    layout = get_layout(opts.config().layout) if opts.layout else None
-    ids, map_shas = [], []
-    for p in paths:  # every HFM1 map checked before any work, none kept
-        fm = read_chip(p, None)
+    cfg = opts.config()
+    layout = get_layout(cfg.layout) if cfg.layout else None
+    chip_ids, map_shas = [], []
+    for p in paths:  # every HFM1 map checked before any work (read once: checked and hashed), none kept
+        blob = read_input(p, "a fault map")
+        map_shas.append(hashlib.sha256(blob).hexdigest())
+        fm = None if is_csv_map(p) else faultmap_from_bytes(blob, str(p))  # a CSV map waits for the model's size
         if layout is not None and fm is not None:
             layout.check(fm.num_words)
-        ids.append(fm)
-        map_shas.append(sha256_of(p))
-        if fm is not None:
-            ids[-1] = _IdOnly(fm.chip_id)
-        del fm
-    names = chip_names(ids, paths)
+        chip_ids.append(None if fm is None else fm.chip_id)
+    names = chip_names(chip_ids, paths)
     outputs = [out_dir / f"{n}.onnx" for n in names]
     if write:
         if out_dir.exists() and not out_dir.is_dir():
@@ -309,7 +308,6 @@ def apply_fleet(
     # FAQ's calibration statistics are chip independent: collect them here, once.
     t0 = time.perf_counter()
     shared_evaluator = reference_evaluator(shared)
-    cfg = opts.config()
     if cfg.faq.needs_stats:
         calibration_stats(shared.plain, shared.ctx, cfg.faq.calib_samples, cfg.faq.compensation)
     shared.ctx.progress = None  # each chip is reported by on_chip, not pass by pass
@@ -370,13 +368,6 @@ def apply_fleet(
     if write and report_path:
         atomic_write_text(report_path, to_json(report))
     return report
-
-
-class _IdOnly:
-    """What chip_names needs of a map (its chip_id), without keeping the map."""
-
-    def __init__(self, chip_id):
-        self.chip_id = chip_id
 
 
 def fleet_summary(chips: list[ChipRecord], yield_at: float | None) -> FleetSummary:
