@@ -72,18 +72,8 @@ def connect(address: str) -> Iterator[Any]:
 
 
 def worker_count(client: Any) -> int:
-    """Workers (threads) the scheduler has now; at least 1."""
-    info = client.scheduler_info(n_workers=-1) if _takes_n_workers(client) else client.scheduler_info()
-    return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
-
-
-def _takes_n_workers(client: Any) -> bool:
-    import inspect
-
-    try:
-        return "n_workers" in inspect.signature(client.scheduler_info).parameters
-    except (TypeError, ValueError):
-        return False
+    """Threads across the scheduler's workers now (at least 1): how many tasks run at once."""
+    return max(1, sum(client.nthreads().values()))
 
 
 #: Objects a worker builds once per run (sessions, campaigns), keyed by the run's token.
