@@ -67,8 +67,12 @@ def search_clip(
         reference = Reference(probe.predictions(), "agreement")
     x = np.log10(np.asarray(rates))
 
-    def measure(model: onnx.ModelProto) -> tuple[float, float]:
+    def measure(model: onnx.ModelProto, floor: float | None = None) -> tuple[float, float | None]:
+        """(clean accuracy, area under accuracy vs rate); no campaign for a candidate whose
+        clean accuracy is already below `floor`: it cannot be chosen, so its area is not needed."""
         camp = Campaign(model, calib, points, seed=seed, evaluator=ChipEvaluator(model, calib, reference))
+        if floor is not None and camp.clean_accuracy < floor:
+            return camp.clean_accuracy, None
         means = [float(p.accuracy.mean()) for p in camp.run(opts).points]
         # Area under accuracy vs log10(rate), normalised to the rate span: a mean accuracy.
         auc = float(np.trapezoid(means, x) / (x[-1] - x[0])) if len(rates) > 1 else means[0]
@@ -76,10 +80,14 @@ def search_clip(
 
     base_clean, base_auc = measure(base_model)
     rows = [{"percentile": None, "clean": round(base_clean, 6), "auc": round(base_auc, 6)}]
-    for p in percentiles:
-        clean, auc = measure(_quantized(float_model, calib, seed, ClipPass(style, p)))
+    for i, p in enumerate(percentiles):
+        # the first candidate is always measured: it is the fallback when none is acceptable
+        clean, auc = measure(_quantized(float_model, calib, seed, ClipPass(style, p)), None if i == 0 else base_clean - tolerance)
         ok = clean >= base_clean - tolerance
-        rows.append({"percentile": p, "clean": round(clean, 6), "auc": round(auc, 6), "acceptable": ok})
+        row = {"percentile": p, "clean": round(clean, 6), "auc": None if auc is None else round(auc, 6), "acceptable": ok}
+        if auc is None:
+            row["skipped"] = "loses clean accuracy: no campaign"
+        rows.append(row)
     # Lower thresholds cost clean accuracy on unseen data, so a lower percentile must earn its
     # place: take the highest percentile within `min_gain` of the best acceptable area.
     acceptable = [r for r in rows[1:] if r["acceptable"]] or rows[1:2]

@@ -79,3 +79,18 @@ def test_default_points_fit_a_bias_free_network(tmp_path, zoo_dir, tabular_calib
         apply(model, chip, tabular_calib_npz, tmp_path / "h2.onnx", eval_data_path=tabular_test_npz,
               options=ApplyOptions(trials=3, clip_percentile=100.0, faults=("bitflip-bias:1e-3",)))
     assert not (tmp_path / "h2.onnx").exists()
+
+
+def test_clip_search_skips_the_campaign_of_a_candidate_that_loses_clean_accuracy(residual_cnn, digits_calib_npz):
+    """Issue 12: a candidate whose clean accuracy already misses the tolerance cannot be chosen,
+    so the search runs no fault campaign for it (and still chooses as before)."""
+    from harden.clip_search import search_clip
+    from harden.data import load_npz
+    from harden.model import load_model, prepare
+
+    model = prepare(load_model(residual_cnn))[0]
+    choice = search_clip(model, load_npz(digits_calib_npz, model), percentiles=(100.0, 50.0), trials=3)
+    first, harsh = choice.record["candidates"][1:]
+    assert first["auc"] is not None and first["acceptable"]
+    assert harsh["auc"] is None and not harsh["acceptable"] and "no campaign" in harsh["skipped"]
+    assert choice.percentile == 100.0
