@@ -94,3 +94,25 @@ def test_clip_search_skips_the_campaign_of_a_candidate_that_loses_clean_accuracy
     assert first["auc"] is not None and first["acceptable"]
     assert harsh["auc"] is None and not harsh["acceptable"] and "no campaign" in harsh["skipped"]
     assert choice.percentile == 100.0
+
+
+def test_clip_pass_says_which_activations_it_leaves_alone():
+    """Issue 11: the clip pass clips ReLUs; a ReLU6 (Clip), GELU or SiLU keeps its quantization
+    range, and the record and note say so instead of staying silent."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from harden.data import Dataset
+    from harden.passes import PassContext
+    from harden.passes.clip import ClipPass
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Clip", ["h"], ["c"]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Sigmoid", ["r"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = Dataset({"x": np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)})
+    rec = ClipPass().call(model, PassContext(calib=data)).record
+    assert rec["left_alone"] == {"Clip": 1, "Sigmoid": 1} and "ReLU only" in rec["left_alone_why"]
+    assert ClipPass().note(rec).endswith("left alone: Clip x1, Sigmoid x1")

@@ -58,9 +58,10 @@ class ClipPass(Pass):
             chosen = ClipPass(self.style, ctx.clip_percentile, self.headroom, self.calib_samples, self.output_guard)
             return chosen.call(model, ctx)
         relus = [n for n in model.graph.node if n.op_type == "Relu"]
+        others = _left_alone(model)
         guarded = self._guarded_output(model) if self.output_guard else None
         if not relus and guarded is None:
-            return PassResult(model, False, {"style": self.style, "layers": []})
+            return PassResult(model, False, {"style": self.style, "layers": [], **others})
         thresholds = self._calibrate(model, relus, guarded, ctx)
         layers, new_nodes, inits = [], [], []
         last = relus[-1].output[0] if relus else None
@@ -109,13 +110,16 @@ class ClipPass(Pass):
                 "output_guard": guarded is not None,
                 "threshold_values": int(sum(l["thresholds"] for l in layers)),
                 "layers": layers,
+                **others,
             },
         )
 
     def note(self, record: dict) -> str:
         n = sum(1 for layer in record.get("layers", []) if layer.get("relu"))
         guard = " + output guard" if record.get("output_guard") else ""
-        return f"{record['style']} style on {n} ReLUs{guard}, {record.get('threshold_values', 0)} thresholds"
+        alone = record.get("left_alone")
+        rest = "; left alone: " + ", ".join(f"{k} x{v}" for k, v in alone.items()) if alone else ""
+        return f"{record['style']} style on {n} ReLUs{guard}, {record.get('threshold_values', 0)} thresholds{rest}"
 
     def _guarded_output(self, model: onnx.ModelProto) -> str | None:
         """The first graph output, when a linear op produces it (logits), else None."""
@@ -172,3 +176,22 @@ class ClipPass(Pass):
             # A dead unit (never positive) keeps a tiny positive T so it stays dead, never NaN.
             out[n] = np.maximum(np.asarray(t, dtype=np.float32), np.float32(1e-6))
         return out
+
+
+#: Activations the clip pass does not replace (it clips ReLU, whose zero floor lets a clipped
+#: value fall back to "inactive"); their outputs keep the quantizer's calibrated range.
+UNCLIPPED_ACTIVATIONS = ("Clip", "Gelu", "Erf", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
+                         "Softplus", "Mish", "PRelu")
+
+
+def _left_alone(model: onnx.ModelProto) -> dict:
+    """The activations of the model the pass leaves alone, counted, and why (empty when none)."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in UNCLIPPED_ACTIVATIONS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts:
+        return {}
+    return {"left_alone": counts,
+            "left_alone_why": "the clip pass replaces ReLU only; these keep their calibrated quantization range "
+                              "(a bit flip in their output is bounded by that range)"}
