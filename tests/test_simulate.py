@@ -860,3 +860,22 @@ def test_a_fault_model_must_subclass_the_base(monkeypatch):
     base = faults.FaultModel()
     assert (base.space_kind, base.precision, base.deterministic, base.restrictable) == ("weights", "int8", False, False)
     assert faults.BitFlip.from_spec("1e-3")[0].restrictable
+
+
+def test_budget_bounds_the_campaign_and_the_report_says_so(int8_plain, digits_test_npz):
+    """Issue 12: --budget SECONDS shares the time over the points; each stops at a check once
+    its share is spent (never below min_trials), and the report and table say which did."""
+    import time
+
+    from harden.cli.simulate_cmd import campaign_table
+
+    opts = CampaignOptions(trials=100_000, budget=2.0, seed=1)
+    t0 = time.perf_counter()
+    res = simulate(int8_plain, digits_test_npz, ["bitflip:1e-3,1e-2"], options=opts)
+    assert time.perf_counter() - t0 < 2.0 + 15  # the budget plus building the sessions, on a loaded machine
+    points = res.report["points"]
+    assert all(p["stopped_by_budget"] and opts.min_trials <= p["trials"] < 100_000 for p in points)
+    assert all(p["trials"] % opts.check_every == 0 for p in points)
+    assert "stopped by --budget 2 s" in campaign_table(res.report)
+    with pytest.raises(InputError, match="--budget"):
+        CampaignOptions(budget=-1).validate()

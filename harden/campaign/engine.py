@@ -184,13 +184,15 @@ class Campaign(RecordsMixin):
     # --- the campaign --------------------------------------------------------------------
 
     def run_point(self, point: int, options: CampaignOptions, progress: Callable[[int], None] | None = None,
-                  executor: "TrialExecutor | None" = None) -> PointResult:
+                  executor: "TrialExecutor | None" = None, deadline: float | None = None) -> PointResult:
         """The trials of one point, stopping early once the interval meets the margin.
 
         The stopping rule is checked at the same trial counts (every `check_every` from
         `min_trials`) whoever runs the trials, and every trial is re-derived from (seed, point,
         trial), so an executor that runs rounds of trials on other processes gives the figures
         of this sequential loop exactly (trials past the stop are computed and dropped).
+        `deadline` (perf_counter time, from --budget): stop at the first check after it, with
+        at least `min(min_trials, planned)` trials.
         """
         model = self.points[point]
         planned = 1 if model.deterministic else options.planned_trials()
@@ -199,7 +201,8 @@ class Campaign(RecordsMixin):
         cells = np.empty(planned, np.int64)
         nans = np.empty(planned, np.int64)
         t0 = time.perf_counter()
-        n, stopped = 0, False
+        n, stopped, out_of_time = 0, False, False
+        floor = min(options.min_trials, planned)
         while n < planned and not stopped:
             if executor is None:
                 rows: Iterable[TrialResult] = (self.run_trial(point, t) for t in range(n, planned))
@@ -216,10 +219,14 @@ class Campaign(RecordsMixin):
                     if h is not None and h <= options.margin:
                         stopped = True
                         break
+                if deadline is not None and n < planned and n >= floor and n % options.check_every == 0 \
+                        and time.perf_counter() > deadline:
+                    stopped = out_of_time = True
+                    break
         if progress and n < planned:
             progress(planned - n)
-        return PointResult(point, model, planned, acc[:n].copy(), events[:n].copy(), cells[:n].copy(), stopped,
-                           time.perf_counter() - t0, nans[:n].copy())
+        return PointResult(point, model, planned, acc[:n].copy(), events[:n].copy(), cells[:n].copy(), stopped and not out_of_time,
+                           time.perf_counter() - t0, nans[:n].copy(), out_of_time)
 
     def run(self, options: CampaignOptions | None = None, progress: Callable[[int], None] | None = None,
             executor: "TrialExecutor | None" = None) -> CampaignResult:
@@ -227,7 +234,11 @@ class Campaign(RecordsMixin):
         t0 = time.perf_counter()
         res = CampaignResult(self.clean_accuracy, self.evaluator.reference.kind, int(self.target.size), self.n_correct, opts)
         for p in range(len(self.points)):
-            res.points.append(self.run_point(p, opts, progress, executor))
+            deadline = None
+            if opts.budget is not None:  # an equal share of what is left, per point left
+                left = opts.budget - (time.perf_counter() - t0)
+                deadline = time.perf_counter() + max(0.0, left) / (len(self.points) - p)
+            res.points.append(self.run_point(p, opts, progress, executor, deadline))
         res.seconds = time.perf_counter() - t0
         return res
 

@@ -32,6 +32,10 @@ class CampaignOptions:
     seed: int = 0
     min_trials: int = 20
     check_every: int = 5
+    #: seconds for the whole campaign (None: no limit); each point gets an equal share of what
+    #: is left and stops at the first check after its share is spent. The trial counts then
+    #: depend on this machine's speed: the report records them (rerun with --trials to repeat).
+    budget: float | None = None
 
     def validate(self) -> None:
         def bad(msg: str) -> InputError:
@@ -49,6 +53,8 @@ class CampaignOptions:
             raise bad(f"min_trials must be an integer >= 2, got {self.min_trials!r}")
         if not _is_int(self.check_every) or self.check_every < 1:
             raise bad(f"check_every must be an integer >= 1, got {self.check_every!r}")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and 0 < self.budget < 1e9):
+            raise bad(f"--budget must be a number of seconds > 0, got {self.budget!r}")
 
     def planned_trials(self) -> int:
         """Trials per random point: --trials, else Leveugle's n for the margin, else 100."""
@@ -80,6 +86,7 @@ class PointResult:
     stopped_early: bool = False
     seconds: float = 0.0
     nan_outputs: np.ndarray | None = None
+    stopped_by_budget: bool = False
 
     @property
     def trials(self) -> int:

@@ -29,6 +29,7 @@ class RecordsMixin:
             "trials": pr.trials,
             "planned_trials": pr.planned,
             "stopped_early": pr.stopped_early,
+            **({"stopped_by_budget": pr.stopped_by_budget} if options.budget is not None else {}),
             "faulty_cells": {
                 "mean": round(float(pr.faulty_cells.mean()), 3),
                 "min": int(pr.faulty_cells.min()),

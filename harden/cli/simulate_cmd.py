@@ -48,6 +48,9 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
               help="A chip's fault map (HFM1 or CSV) as one more point; repeatable. Same as --fault chip:CHIP.")
 @click.option("--trials", type=int, default=None, help="Trials per point [default: 100; with --margin, Leveugle's n for it]; the cap when --margin is given.")
 @click.option("--margin", type=float, default=None, help="Stop a point once its accuracy interval's half-width is within this margin, e.g. 0.01.")
+@click.option("--budget", type=float, default=None, metavar="SECONDS",
+              help="Time for the whole campaign: each point gets an equal share of what is left and stops at the first "
+                   "check after it (trial counts then depend on this machine; the report records them).")
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Confidence of --margin (and of Leveugle's n).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Campaign seed: trial T of point P draws from rng([seed, P, T]).")
 @click.option("--per-layer", "per_layer", metavar="SPEC",
@@ -76,7 +79,7 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
               help="Run blocks of trials on a Dask cluster: 'local' (one worker per core) or a scheduler such as "
                    "tcp://host:8786 (env HARDEN_CLUSTER; needs harden[distributed]). Same figures as without it.")
 @quiet_option
-def simulate_command(model, data, faults, faultmaps, trials, margin, confidence, seed, per_layer, diagnostics, rho,
+def simulate_command(model, data, faults, faultmaps, trials, margin, budget, confidence, seed, per_layer, diagnostics, rho,
                      show_trial, min_accuracy, max_drop, report, html, as_json, summary_md, junit, cluster, quiet):
     """Fault-injection campaign on an int8 QDQ MODEL (or a float MODEL under bitflip-fp32),
     measured with onnxruntime.
@@ -119,7 +122,7 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, confidence,
           --max-drop all=0.3 --report campaign.json
       harden simulate model.onnx --data test.npz --fault bitflip-fp32:1e-6,1e-5,1e-4 --trials 100
     """
-    opts = CampaignOptions(trials=trials, margin=margin, confidence=confidence, seed=seed)
+    opts = CampaignOptions(trials=trials, margin=margin, confidence=confidence, seed=seed, budget=budget)
     opts.validate()
     if rho is not None and not diagnostics:
         raise InputError("--rho sets the sharpness diagnostic; give --diagnostics too")
@@ -206,13 +209,15 @@ def campaign_table(rep: dict) -> str:
         lines.append(f"  {'#':>2} {'point':<{w}} {'trials':>6}  {'accuracy':>8} {'95% CI':<16} {'SDC-1':>8} {'95% CI':<16}")
         for p in rep["points"]:
             a, s = p["accuracy"], p["sdc1"]
-            trials = f"{p['trials']}" + ("*" if p["stopped_early"] else "")
+            trials = f"{p['trials']}" + ("*" if p["stopped_early"] else "+" if p.get("stopped_by_budget") else "")
             lines.append(
                 f"  {p['index']:>2} {p['label']:<{w}} {trials:>6}  {_pct(a['mean'])} {_ci(a['ci95']):<16} "
                 f"{_pct(s['mean'] if s else None)} {_ci(s['ci95'] if s else None):<16}"
             )
         if any(p["stopped_early"] for p in rep["points"]):
             lines.append("  * stopped early: the margin was met")
+        if any(p.get("stopped_by_budget") for p in rep["points"]):
+            lines.append(f"  + stopped by --budget {o['budget']:g} s: the interval is what that time bought")
     act = rep.get("activation_faults")
     if act:
         c = act["clean"]
