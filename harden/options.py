@@ -61,10 +61,21 @@ class CampaignConfig:
     trials: int = 30
     faults: tuple[str, ...] = DEFAULT_FAULTS
     explicit: bool = False
+    budget: float | None = 600.0  # seconds; the trials are cut (for every variant alike) to fit
 
     def __post_init__(self) -> None:
         if not (isinstance(self.trials, int) and self.trials >= 0):
             raise InputError(f"--trials must be an integer >= 0, got {self.trials!r}")
+        if self.budget is not None and not (_number(self.budget) and self.budget > 0):
+            raise InputError(f"--budget must be a number of seconds > 0, got {self.budget!r}")
+
+    def affordable_trials(self, one_pass: float, variants: int, random_points: int) -> int:
+        """Trials per random point that fit the budget, from the time of one evaluation pass:
+        the same count for every variant, so the ablation stays paired (at least 2)."""
+        if self.budget is None or not random_points or one_pass <= 0:
+            return self.trials
+        fit = int((self.budget / one_pass - 2 * variants) // (variants * random_points))
+        return max(min(2, self.trials), min(self.trials, fit))
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ class ApplyOptions:
     calib_samples: int = 256
     seed: int = 0
     trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
+    budget: float | None = 600.0  # seconds for that campaign: fewer trials when they would not fit; None: no limit
     faults: tuple[str, ...] | None = None  # None: DEFAULT_FAULTS, less the points the model has nothing for
     layout: str | None = None  # memory layout plugin, e.g. "tiled:rows=128,cols=128"; None = linear
     passes: tuple[str, ...] = ()  # harden.passes plugins placed in the plan: NAME[@before:P|@after:P]
@@ -157,7 +169,7 @@ class ApplyOptions:
             clip=ClipConfig(self.clip, self.clip_style, self.clip_percentile),
             faq=FAQConfig(self.compensation, self.bias_correction, self.calib_samples),
             campaign=CampaignConfig(self.trials, tuple(self.faults) if self.faults is not None else DEFAULT_FAULTS,
-                                    self.faults is not None),
+                                    self.faults is not None, self.budget),
             training=training, layout=self.layout, passes=tuple(self.passes))
 
 

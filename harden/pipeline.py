@@ -252,11 +252,17 @@ def apply(
         variants = _variants(shared, hardened)
         # The estimate: the on-chip evaluation just made about five passes over the data.
         one_pass = next(r["seconds"] for r in recs if r["pass"] == "simulate") / 5
-        passes = len(variants) * (2 + cfg.campaign.trials * sum(not p.deterministic for p in points))
-        say(f"campaign: {len(variants)} models x {len(points) + 1} points, {passes} evaluation passes, "
-            f"about {passes * one_pass:.0f} s")
+        random_points = sum(not p.deterministic for p in points)
+        trials = cfg.campaign.affordable_trials(one_pass, len(variants), random_points)
+        passes = len(variants) * (2 + trials * random_points)
+        say(f"campaign: {len(variants)} models x {len(points) + 1} points x {trials} trials, {passes} evaluation passes, "
+            f"about {passes * one_pass:.0f} s" + (f" (--budget {cfg.campaign.budget:g} s cut {cfg.campaign.trials} trials)"
+                                                   if trials < cfg.campaign.trials else ""))
         results["resilience"] = measure(variants, evald, shared.reference()[1], [ChipFaults(fm, layout=cfg.layout), *points],
-                                        trials=cfg.campaign.trials, seed=cfg.seed)
+                                        trials=trials, seed=cfg.seed)
+        if trials < cfg.campaign.trials:
+            results["resilience"]["budget"] = {"seconds": cfg.campaign.budget, "trials_asked": cfg.campaign.trials,
+                                               "trials_run": trials, "one_pass_seconds": round(one_pass, 4)}
         if skipped:
             results["resilience"]["skipped_points"] = skipped
         records.append({"pass": "campaign", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})

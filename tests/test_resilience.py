@@ -116,3 +116,20 @@ def test_clip_pass_says_which_activations_it_leaves_alone():
     rec = ClipPass().call(model, PassContext(calib=data)).record
     assert rec["left_alone"] == {"Clip": 1, "Sigmoid": 1} and "ReLU only" in rec["left_alone_why"]
     assert ClipPass().note(rec).endswith("left alone: Clip x1, Sigmoid x1")
+
+
+def test_apply_budget_cuts_trials_alike_for_every_variant(tmp_path, residual_cnn, digits_calib_npz, digits_test_npz):
+    """Issue 12: apply's --budget turns into a trial count before the campaign, the same for every
+    model compared (so the ablation stays paired), and the report says what it cut."""
+    chip = tmp_path / "chip.bin"
+    write_faultmap(generate_uniform(weight_count(residual_cnn), 0.04, 3), chip)
+    res = apply(residual_cnn, chip, digits_calib_npz, tmp_path / "h.onnx", eval_data_path=digits_test_npz,
+                options=ApplyOptions(trials=40, budget=0.01, clip_percentile=100.0))
+    rb = res.report["results"]["resilience"]
+    assert rb["budget"]["trials_asked"] == 40 and rb["budget"]["trials_run"] == 2 == rb["trials"]
+    for variant in rb["figures"].values():
+        assert all(f["trials"] in (1, 2) for f in variant.values())
+    assert all("gain" in a for a in rb["ablation"])
+    roomy = apply(residual_cnn, chip, digits_calib_npz, tmp_path / "h2.onnx", eval_data_path=digits_test_npz,
+                  options=ApplyOptions(trials=4, clip_percentile=100.0)).report["results"]["resilience"]
+    assert "budget" not in roomy and roomy["trials"] == 4

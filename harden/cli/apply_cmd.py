@@ -38,6 +38,9 @@ from ._training import training_fields, training_options
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
 @click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True, help="Samples used for the compensation statistics.")
 @click.option("--trials", type=click.IntRange(0), default=30, show_default=True, help="Trials per random fault point of the resilience campaign (0: no campaign).")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True, metavar="SECONDS",
+              help="Time for the resilience campaign: fewer trials (the same for every model compared) when the planned ones "
+                   "would not fit; the report says so.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC", help="Random fault points for the campaign, e.g. bitflip:1e-3,1e-2 (repeatable). Default: bitflip:1e-3,1e-2 and, where the model has int32 biases, bitflip-bias:1e-3.")
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), help="Gate: exit 1 if hardened accuracy on this chip is below this.")
 @click.option("--max-drop", type=click.FloatRange(0, 1), help="Gate: exit 1 if hardened-on-chip accuracy is more than this below fault-free int8.")
@@ -60,7 +63,7 @@ from ._training import training_fields, training_options
 @progress_option
 @quiet_option
 def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, bias_correction, calib_samples, trials, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
+                  compensation, bias_correction, calib_samples, trials, budget, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
                   progress_lines, quiet, **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
@@ -87,6 +90,7 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
         calib_samples=calib_samples,
         seed=seed,
         trials=trials,
+        budget=budget,
         layout=layout,
         passes=tuple(extra_passes),
         **({"faults": tuple(faults)} if faults else {}),
