@@ -135,7 +135,7 @@ def test_apply_logs_one_line_per_stage_without_a_terminal(tmp_path):
     stages = [line.split("] ", 1)[1] for line in lines]
     assert [st.split(":")[0] for st in stages] == ["load", "simplify", "clip", "quantize", "faq", "campaign", "write"]
     assert all(line.startswith("harden apply: [") for line in lines)
-    assert re.search(r"campaign: 3 models x 4 points, \d+ evaluation passes, about \d+ s", proc.stderr)
+    assert re.search(r"campaign: 3 models x 4 points x 2 trials, 24 evaluation passes, about \d+ s", proc.stderr)
     for extra in (["--progress", "--quiet"], []):
         quiet = subprocess.run(argv + extra + ["-o", str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
         assert quiet.returncode == 0 and quiet.stderr == ""
