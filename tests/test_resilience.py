@@ -130,6 +130,7 @@ def test_apply_budget_cuts_trials_alike_for_every_variant(tmp_path, residual_cnn
     for variant in rb["figures"].values():
         assert all(f["trials"] in (1, 2) for f in variant.values())
     assert all("gain" in a for a in rb["ablation"])
+    assert "--budget 0.01 s cut the trials from 40 to 2" in summary_table(res.report)
     roomy = apply(residual_cnn, chip, digits_calib_npz, tmp_path / "h2.onnx", eval_data_path=digits_test_npz,
                   options=ApplyOptions(trials=4, clip_percentile=100.0)).report["results"]["resilience"]
     assert "budget" not in roomy and roomy["trials"] == 4

@@ -66,6 +66,9 @@ def summary_table(report: dict) -> str:
             lines.append("  measured gains: " + "; ".join(helps))
         if hurts:
             lines.append("  measured losses: " + "; ".join(hurts))
+        cut = res_block.get("budget")
+        if cut:
+            lines.append(f"  --budget {cut['seconds']:g} s cut the trials from {cut['trials_asked']} to {cut['trials_run']} per random point")
         for sk in res_block.get("skipped_points", []):
             lines.append(f"  left out {sk['point']}: {sk['why']}")
     lines.append("passes:")

@@ -298,6 +298,10 @@ def _apply_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
         parts = [_p(f"The same fault campaign on the model after each pass ({names}): {rb.get('trials', '?')} trials per "
                     f"random point, seed {rb.get('seed', '?')}; trial t of every variant gets the same faults.")]
         parts += [_p(f"Left out {sk.get('point')}: {sk.get('why')}", "note") for sk in rb.get("skipped_points") or []]
+        cut = rb.get("budget")
+        if isinstance(cut, dict):
+            parts.append(_p(f"--budget {cut.get('seconds')} s cut the trials from {cut.get('trials_asked')} to "
+                            f"{cut.get('trials_run')} per random point (the same for every model compared).", "note"))
         fig = plots.against_rate(series, labels, "acc", "accuracy")
         if fig:
             parts.append(fig)
