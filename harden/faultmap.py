@@ -310,15 +310,19 @@ def write_faultmap(fm: FaultMap, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, to_bytes(fm))
 
 
+def is_csv_bytes(data: bytes) -> bool:
+    """Whether a map's bytes start with the CSV header (BOM and surrounding spaces allowed)."""
+    return data[:64].split(b"\n", 1)[0].strip().removeprefix(b"\xef\xbb\xbf") == CSV_HEADER.encode()
+
+
 def is_csv_map(path: str | os.PathLike) -> bool:
     """Whether the file is a CSV map (read once the memory size is known); anything unreadable
     is not, so that read_faultmap produces the error message."""
     try:
         with open(path, "rb") as fh:
-            first = fh.read(64).split(b"\n", 1)[0]
+            return is_csv_bytes(fh.read(64))
     except OSError:
         return False
-    return first.strip().removeprefix(b"\xef\xbb\xbf") == CSV_HEADER.encode()
 
 
 def read_faultmap(path: str | os.PathLike, num_words: int | None = None) -> FaultMap:
@@ -334,8 +338,7 @@ def faultmap_from_bytes(data: bytes, source: str, num_words: int | None = None) 
         if num_words is not None and num_words != fm.num_words:
             raise InputError(f"{source}: the map has {fm.num_words} words, but --words {num_words} was given")
         return fm
-    first_line = data[:64].split(b"\n", 1)[0].strip().removeprefix(b"\xef\xbb\xbf")
-    if first_line == CSV_HEADER.encode():
+    if is_csv_bytes(data):
         if num_words is None:
             raise InputError(f"{source}: a CSV fault map does not say how big the memory is; pass --words N")
         return _parse_csv(data, num_words, None, source)

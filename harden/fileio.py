@@ -175,9 +175,9 @@ def file_record(path: str | os.PathLike | None) -> dict:
 def check_outputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike | None]) -> None:
     """Every output must be new to this run: not an input, not another output, in a real folder.
 
-    Linear in outputs + inputs (a fleet has thousands of each): inputs are resolved once, and
-    only an output that already exists is compared file by file (os.path.samefile catches a
-    hard link or a different spelling of the same file)."""
+    Linear in outputs + inputs (a fleet has thousands of each): inputs are resolved and stat'ed
+    once; an output that already exists is also matched by (device, inode), which catches a
+    hard link or another spelling of the same file."""
     real_inputs = [Path(p) for p in inputs if p is not None]
     resolved_inputs = {p.resolve(): p for p in real_inputs}
     inode_inputs = {(st.st_dev, st.st_ino): p for p in real_inputs if (st := _stat(p)) is not None}

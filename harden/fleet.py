@@ -39,7 +39,7 @@ from .cluster import (
     worker_count,
 )
 from .errors import InputError
-from .faultmap import FaultMap, faultmap_from_bytes, is_csv_map
+from .faultmap import FaultMap, faultmap_from_bytes, is_csv_bytes
 from .fileio import atomic_write_bytes, atomic_write_text, file_record, output_errors, read_input, sha256_of
 from .hostcheck import fused_host_record
 from .memory import get_layout, model_layout_tensors
@@ -289,7 +289,7 @@ def apply_fleet(
     for p in paths:  # every HFM1 map checked before any work (read once: checked and hashed), none kept
         blob = read_input(p, "a fault map")
         map_shas.append(hashlib.sha256(blob).hexdigest())
-        fm = None if is_csv_map(p) else faultmap_from_bytes(blob, str(p))  # a CSV map waits for the model's size
+        fm = None if is_csv_bytes(blob) else faultmap_from_bytes(blob, str(p))  # a CSV map waits for the model's size
         if layout is not None and fm is not None:
             layout.check(fm.num_words)
         chip_ids.append(None if fm is None else fm.chip_id)

@@ -97,7 +97,7 @@ class TrainingConfig:
 
     @property
     def steps(self) -> list[str]:
-        return [f for f, on in (("--saq", self.saq), ("--clip-train", self.clip_train), ("--variability", self.variability is not None)) if on]
+        return training_steps(self.saq, self.clip_train, self.variability)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class ApplyOptions:
         """The nested configs, validated (InputError names the flag)."""
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise InputError(f"--seed must be a non-negative integer, got {self.seed!r}")
-        steps = [f for f, on in (("--saq", self.saq), ("--clip-train", self.clip_train), ("--variability", self.variability is not None)) if on]
+        steps = training_steps(self.saq, self.clip_train, self.variability)
         finetune = self.saq or self.variability is not None
         for flag, value, ok, needs in (("--train-data", self.train_data, bool(steps), "--saq, --clip-train or --variability"),
                                        ("--epochs", self.epochs, finetune, "--saq or --variability"),
@@ -171,6 +171,11 @@ class ApplyOptions:
             campaign=CampaignConfig(self.trials, tuple(self.faults) if self.faults is not None else DEFAULT_FAULTS,
                                     self.faults is not None, self.budget),
             training=training, layout=self.layout, passes=tuple(self.passes))
+
+
+def training_steps(saq: bool, clip_train: bool, variability: object) -> list[str]:
+    """The training flags that are on, in the order the plan runs them."""
+    return [f for f, on in (("--saq", saq), ("--clip-train", clip_train), ("--variability", variability is not None)) if on]
 
 
 def _number(x: object) -> bool:

@@ -58,11 +58,20 @@ class ChipEvaluator:
         self.data = data
         self.reference = reference
         self.batch = batch_size_for(model, 256)
+        self._clean: np.ndarray | None = None
 
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The first output (logits) on the whole data set with the given weights/biases."""
+        """The first output (logits) on the whole data set with the given weights/biases.
+
+        The fault-free logits (no `values`) are computed once and shared, read-only: a fleet asks
+        for them once per chip, a campaign and the host check once more."""
+        if not values and self._clean is not None:
+            return self._clean
         feeds = {**self.defaults, **(values or {})}
         (logits,) = run_batched(self.session, self.data, self.batch, [self.session.get_outputs()[0].name], feeds)
+        if not values:
+            logits.setflags(write=False)
+            self._clean = logits
         return logits
 
     def predictions(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
