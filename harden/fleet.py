@@ -229,11 +229,11 @@ class Journal:
         atomic_write_text(self.dir / f"{name}.json", json.dumps(rec, indent=1) + "\n")
 
 
-def _run_key(model_path, data_path, eval_data_path, opts: ApplyOptions) -> str:
-    """What a chip's result depends on besides its map: the inputs' hashes, options, version."""
-    doc = {"model": sha256_of(model_path), "data": sha256_of(data_path),
-           "eval": sha256_of(eval_data_path) if eval_data_path else None,
-           "options": asdict(opts), "version": __version__}
+def _run_key(inputs: dict, opts: ApplyOptions) -> str:
+    """What a chip's result depends on besides its map: the inputs' hashes (from the report's
+    input records, so each file is hashed once), the options, the version."""
+    doc = {"model": inputs["model"]["sha256"], "data": inputs["data"]["sha256"],
+           "eval": inputs["eval_data"].get("sha256"), "options": asdict(opts), "version": __version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -313,7 +313,9 @@ def apply_fleet(
     shared.ctx.progress = None  # each chip is reported by on_chip, not pass by pass
     shared.records.append({"pass": "shared-stats", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})
 
-    run_key = _run_key(model_path, data_path, eval_data_path, opts)
+    inputs = {"model": file_record(model_path), "data": {**file_record(data_path), "samples": len(calib)},
+              "eval_data": eval_record, "faultmaps": len(paths), "already_int8": shared.already_int8}
+    run_key = _run_key(inputs, opts)
     journal = Journal(out_dir, run_key, write)
     chips: list[dict | None] = [journal.load(n, m, o) if write else None for n, m, o in zip(names, map_shas, outputs)]
     todo = [i for i, c in enumerate(chips) if c is None]
@@ -346,13 +348,7 @@ def apply_fleet(
         "schema": REPORT_SCHEMA,
         "harden_version": __version__,
         "command": "apply-fleet",
-        "inputs": {
-            "model": file_record(model_path),
-            "data": {**file_record(data_path), "samples": len(calib)},
-            "eval_data": eval_record,
-            "faultmaps": len(paths),
-            "already_int8": shared.already_int8,
-        },
+        "inputs": inputs,
         "options": {**asdict(opts), "jobs": jobs},
         "passes": shared.records,
         "arithmetic": arithmetic.describe(),
