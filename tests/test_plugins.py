@@ -342,3 +342,17 @@ def test_a_plugin_pass_runs_inside_apply(fake_plugin, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
     res = CliRunner().invoke(main, [*args, "--pass", "nope", "-o", str(tmp_path / "x.onnx")])
     _one_error_line(res, "no such pass")
+
+
+def test_a_pass_needing_a_float_model_is_refused_after_quantize():
+    """Verifiable facts are not accumulated: once a pass provides int8 the model is not float,
+    so a float pass placed after it is refused before any work."""
+    from harden.passes import Pass, PassManager
+
+    class Fake(Pass):
+        def __init__(self, name, requires=(), provides=()):
+            self.name, self.requires, self.provides = name, frozenset(requires), frozenset(provides)
+
+    PassManager([Fake("float-pass", requires={"float"}), Fake("q", provides={"int8"})]).check_plan({"float"})
+    with pytest.raises(InputError, match="'float-pass' needs float"):
+        PassManager([Fake("q", provides={"int8"}), Fake("float-pass", requires={"float"})]).check_plan({"float"})

@@ -103,6 +103,17 @@ FACT_CHECKS: dict[str, Callable[[onnx.ModelProto, PassContext], bool]] = {
 }
 
 
+#: Facts a pass that provides the key makes false (a quantized model is no longer float).
+FACT_EXCLUDES: dict[str, set[str]] = {"int8": {"float"}, "float": {"int8"}}
+
+
+def holds(fact: str, model: onnx.ModelProto, ctx: PassContext) -> bool:
+    """A verifiable fact is checked on the model and context as they are now; a marker holds
+    once a pass that provides it has run."""
+    check = FACT_CHECKS.get(fact)
+    return check(model, ctx) if check is not None else fact in ctx.facts
+
+
 @dataclass
 class Snapshot:
     """The model and the context right after pass `after` (None: before the first pass)."""
@@ -137,16 +148,17 @@ class PassManager:
             if missing:
                 raise InputError(f"pass {p.name!r} needs {', '.join(sorted(missing))}, which no pass before it provides "
                                  f"(plan: {' -> '.join(q.name for q in self.passes)})")
+            for fact in p.provides:
+                have -= FACT_EXCLUDES.get(fact, set())
             have |= set(p.provides)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PlanResult:
-        self.check_plan(ctx.facts | {f for f, check in FACT_CHECKS.items() if check(model, ctx)})
+        self.check_plan(ctx.facts | {f for f in FACT_CHECKS if holds(f, model, ctx)})
         records: list[dict] = []
         snaps = [Snapshot(None, _copy(model), ctx.snapshot())] if None in self.snapshot_after else []
         for p in self.passes:
-            ctx.facts |= {f for f, check in FACT_CHECKS.items() if check(model, ctx)}
             for fact in p.requires:
-                if fact not in ctx.facts:
+                if not holds(fact, model, ctx):
                     raise InputError(f"pass {p.name!r} needs {fact}, which the model and context do not have")
             ctx.say(p.name)
             t0 = time.perf_counter()
@@ -154,11 +166,10 @@ class PassManager:
             record = {"pass": p.name, "modified": result.modified, "seconds": round(time.perf_counter() - t0, 4), **result.record}
             record["note"] = p.note(record)  # the report prints it: a plugin pass describes itself too
             model = result.model
+            ctx.facts |= {f for f in p.provides if f not in FACT_CHECKS}  # markers; the others are checked
             for fact in p.provides:
-                check = FACT_CHECKS.get(fact)
-                if check is not None and not check(model, ctx):
+                if not holds(fact, model, ctx):
                     raise RuntimeError(f"pass {p.name!r} declares it provides {fact}, but it does not hold after it ran")
-            ctx.facts |= set(p.provides)
             records.append(record)
             if p.name in self.snapshot_after:
                 snaps.append(Snapshot(p.name, _copy(model), ctx.snapshot()))
