@@ -55,6 +55,9 @@ class ClipPass(Pass):
         if self.percentile is None:  # chosen by the clip search earlier in the plan
             if ctx.clip_percentile is None:
                 raise InputError("clip: no threshold percentile given and none chosen by a clip search")
+            if ctx.clip_percentile == "none":  # clip_search.NO_CLIP: clipping would not earn its place
+                return PassResult(model, False, {"style": self.style, "layers": [], "skipped": "the clip search chose no clipping",
+                                                 **_left_alone(model)})
             chosen = ClipPass(self.style, ctx.clip_percentile, self.headroom, self.calib_samples, self.output_guard)
             return chosen.call(model, ctx)
         relus = [n for n in model.graph.node if n.op_type == "Relu"]
@@ -115,6 +118,8 @@ class ClipPass(Pass):
         )
 
     def note(self, record: dict) -> str:
+        if record.get("skipped"):
+            return record["skipped"]
         n = sum(1 for layer in record.get("layers", []) if layer.get("relu"))
         guard = " + output guard" if record.get("output_guard") else ""
         alone = record.get("left_alone")
