@@ -25,7 +25,7 @@ import onnx
 
 from .data import Dataset, load_npz
 from .errors import InputError
-from .model import WEIGHT_OPS, load_model, qdq_weights
+from .model import TABLE_OPS, WEIGHT_OPS, load_model, qdq_weights
 from .runtime import capture
 from .simulate import ChipEvaluator, Reference
 from .stats import summarize
@@ -56,7 +56,7 @@ def sparsity_sites(model: onnx.ModelProto) -> list[dict]:
             sites.append(rec)
 
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and node.input and node.input[0] in dq_out:
+        if node.op_type in WEIGHT_OPS and node.op_type not in TABLE_OPS and node.input and node.input[0] in dq_out:
             w = weights.get(node.name)
             add({"tensor": node.input[0], "kind": "input", "op": node.op_type, "node": node.name,
                  "weight": w.name if w is not None else None})
@@ -169,7 +169,7 @@ def sharpness(
         m = _model(model)
         ds = _data(data, m)
         if not qdq_weights(m):
-            raise InputError("sharpness: the model has no int8 Conv/Gemm/MatMul weights (not an int8 QDQ model)")
+            raise InputError("sharpness: the model has no int8 Conv/Gemm/MatMul/Gather weights (not an int8 QDQ model)")
         evaluator = ChipEvaluator(m, ds, Reference(np.empty(0, np.int64), "agreement"))
     labels = evaluator.data.labels
     clean = evaluator.logits(None)

@@ -308,7 +308,7 @@ def apply_fleet(
     # FAQ's calibration statistics are chip independent: collect them here, once.
     t0 = time.perf_counter()
     shared_evaluator = reference_evaluator(shared)
-    if cfg.faq.needs_stats:
+    if cfg.faq.shared_stats:
         calibration_stats(shared.plain, shared.ctx, cfg.faq.calib_samples, cfg.faq.compensation)
     shared.ctx.progress = None  # each chip is reported by on_chip, not pass by pass
     shared.records.append({"pass": "shared-stats", "modified": False, "seconds": round(time.perf_counter() - t0, 4)})

@@ -132,3 +132,72 @@ def collect(
     if names:
         capture(model, data, names, on_batch, batch_size=batch)
     return stats
+
+
+@dataclass
+class PairedStats(LayerStats):
+    """LayerStats of one op's input in the model being hardened (x), paired sample by sample
+    with its input in the reference model (r): what a layer needs to absorb the error that the
+    layers before it left (`harden.compensate.absorbing_targets`)."""
+
+    sum_r: np.ndarray | None = None  # (groups, d) sum of r
+    sum_rx: np.ndarray | None = None  # (groups, d, d) sum of r x^T
+
+    @property
+    def mean_ref(self) -> np.ndarray:
+        assert self.sum_r is not None
+        return self.sum_r / max(self.rows, 1)
+
+    def cross(self) -> np.ndarray:
+        """E[r x^T] per group."""
+        assert self.sum_rx is not None
+        return self.sum_rx / max(self.rows, 1)
+
+
+def collect_paired(
+    reference: onnx.ModelProto,
+    model: onnx.ModelProto,
+    w: QWeight,
+    data: Dataset,
+    *,
+    max_rows: int = 8192,
+) -> PairedStats:
+    """One weight op's input statistics in `model` and across to `reference`, on the same
+    unfolded rows of the same samples (two streamed passes; the reference's picked rows are
+    kept, at most `max_rows`, so memory is bounded by max_rows x d per group)."""
+    batch = 32
+    n_batches = max(1, -(-len(data) // batch))
+    per_batch = max(1, max_rows // n_batches)
+    picked: list[np.ndarray] = []
+    st: PairedStats | None = None
+
+    def rows_of(acts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+        cols = unfold(w, acts[w.activation].astype(np.float64))
+        r = cols.shape[1]
+        return cols, (cols if r <= per_batch else cols[:, np.linspace(0, r - 1, per_batch).astype(np.int64)]), r
+
+    def on_reference(acts: dict[str, np.ndarray]) -> None:
+        cols, pick, _ = rows_of(acts)
+        picked.append((pick, cols.sum(axis=1)))
+
+    def on_model(acts: dict[str, np.ndarray]) -> None:
+        nonlocal st
+        cols, pick, r = rows_of(acts)
+        ref_pick, ref_sum = picked[len_seen[0]]
+        len_seen[0] += 1
+        g, _, d = cols.shape
+        if st is None:
+            st = PairedStats(groups=g, sum_x=np.zeros((g, d)), sum_xx=np.zeros((g, d, d)), sum_r=np.zeros((g, d)),
+                             sum_rx=np.zeros((g, d, d)))
+        weight = r / pick.shape[1]
+        st.sum_x += cols.sum(axis=1)
+        st.sum_r += ref_sum
+        st.sum_xx += np.matmul(pick.transpose(0, 2, 1), pick) * weight
+        st.sum_rx += np.matmul(ref_pick.transpose(0, 2, 1), pick) * weight
+        st.rows += r
+
+    len_seen = [0]
+    capture(reference, data, [w.activation], on_reference, batch_size=batch)
+    capture(model, data, [w.activation], on_model, batch_size=batch)
+    assert st is not None
+    return st

@@ -297,8 +297,9 @@ def model_layout_tensors(model) -> list[LayoutTensor]:
     inits = m.initializer_map(model)
     consumer = {}
     for node in model.graph.node:
-        if node.op_type in m.WEIGHT_OPS and len(node.input) > 1:
-            consumer.setdefault(node.input[1], node)
+        name = m.weight_input(node)
+        if name is not None:
+            consumer.setdefault(name, node)
     out = []
     for name in m.float_weight_names(model):
         node = consumer[name]
@@ -321,7 +322,7 @@ def memory_words(model_path: str | os.PathLike, layout: Any = None) -> int:
         m.constants_to_initializers(proto)
     tensors = model_layout_tensors(proto)
     if not tensors:
-        raise InputError(f"{model_path}: no Conv, ConvTranspose, Gemm or MatMul weights to put in memory")
+        raise InputError(f"{model_path}: no Conv, ConvTranspose, Gemm, MatMul or embedding (Gather) weights to put in memory")
     return int(lay.words_needed(tensors))
 
 
@@ -341,5 +342,5 @@ def weight_count(model_path: str | os.PathLike) -> int:
     m.constants_to_initializers(proto)
     count = m.float_weight_count(proto)
     if not count:
-        raise InputError(f"{model_path}: no Conv, ConvTranspose, Gemm or MatMul weights to put in memory")
+        raise InputError(f"{model_path}: no Conv, ConvTranspose, Gemm, MatMul or embedding (Gather) weights to put in memory")
     return count

@@ -17,8 +17,20 @@ from onnx import numpy_helper
 from .errors import InputError
 from .fileio import atomic_path
 
-#: Ops whose input 1 is a weight that lives in the accelerator's weight memory (DESIGN.md).
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Ops whose weight lives in the accelerator's weight memory (DESIGN.md): input 1 of Conv,
+#: ConvTranspose, Gemm and MatMul, and the table of a Gather (an embedding, input 0) when that
+#: is a 2-D float initializer. A MatMul between two activations holds no weight.
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+#: The ops whose weight memory holds only their weights, not their input (no error feedback).
+TABLE_OPS = ("Gather",)
+
+
+def weight_input(node: onnx.NodeProto) -> str | None:
+    """The name of the input holding a weight op's weight (Gather: its table), None otherwise."""
+    if node.op_type not in WEIGHT_OPS:
+        return None
+    i = 0 if node.op_type in TABLE_OPS else 1
+    return node.input[i] if len(node.input) > i and node.input[i] else None
 
 #: Per-channel DequantizeLinear (the `axis` attribute) needs opset 13.
 MIN_QDQ_OPSET = 13
@@ -217,21 +229,23 @@ def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def float_weight_names(model: onnx.ModelProto) -> list[str]:
-    """Float initializers used as input 1 of a weight op, in order of first consumer."""
+    """Float initializers that are a weight op's weight (weight_input), in order of first consumer."""
     inits = initializer_map(model)
     seen: dict[str, None] = {}
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and len(node.input) > 1:
-            name = node.input[1]
-            if name in inits and inits[name].data_type == onnx.TensorProto.FLOAT:
-                seen.setdefault(name, None)
+        name = weight_input(node)
+        if name in inits and inits[name].data_type == onnx.TensorProto.FLOAT:
+            if node.op_type in TABLE_OPS and len(inits[name].dims) != 2:
+                continue  # a Gather from a vector or a cube is no embedding table
+            seen.setdefault(name, None)
     return list(seen)
 
 
 def output_channel_axis(op_type: str, attrs: dict, ndim: int) -> int:
     """The axis of a weight op's weight that indexes its output channels (the axis onnxruntime's
-    per-channel quantizer uses): Conv 0, ConvTranspose 1, Gemm by transB, MatMul the last."""
-    if op_type == "Conv":
+    per-channel quantizer uses): Conv 0, ConvTranspose 1, Gemm by transB, MatMul the last; a
+    Gather table's rows (axis 0)."""
+    if op_type in ("Conv", "Gather"):
         return 0
     if op_type == "ConvTranspose":
         return 1
@@ -257,7 +271,7 @@ class QWeight:
     name: str  # int8 initializer
     op_type: str  # consuming op
     node_name: str
-    activation: str  # the consumer's input 0 (float, after its DequantizeLinear)
+    activation: str  # the consumer's input 0 (float, after its DequantizeLinear); "" for a Gather table
     scale: np.ndarray  # float32, one per channel (or scalar)
     axis: int
     shape: tuple[int, ...]
@@ -283,9 +297,7 @@ def qdq_weights(model: onnx.ModelProto) -> list[QWeight]:
     dq_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     table: dict[str, QWeight] = {}
     for node in model.graph.node:
-        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
-            continue
-        dq = dq_by_output.get(node.input[1])
+        dq = dq_by_output.get(weight_input(node) or "")
         if dq is None or dq.input[0] not in inits:
             continue
         w = inits[dq.input[0]]
@@ -297,12 +309,12 @@ def qdq_weights(model: onnx.ModelProto) -> list[QWeight]:
             raise InputError(f"weight {dq.input[0]!r} has a non-zero zero point; harden expects symmetric int8 weights")
         axis = int(_attrs(dq).get("axis", 1))
         bias = bias_scale = None
-        if len(node.input) > 2 and node.input[2]:
+        if node.op_type not in TABLE_OPS and len(node.input) > 2 and node.input[2]:
             bdq = dq_by_output.get(node.input[2])
             if bdq is not None and bdq.input[0] in inits and inits[bdq.input[0]].data_type == onnx.TensorProto.INT32:
                 bias = bdq.input[0]
                 bias_scale = numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float32)
-        act = node.input[0]
+        act = "" if node.op_type in TABLE_OPS else node.input[0]
         table[dq.input[0]] = QWeight(
             name=dq.input[0],
             op_type=node.op_type,

@@ -37,11 +37,13 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class FAQConfig:
-    """Fault-aware quantization: error feedback, bias correction, the samples their statistics use."""
+    """Fault-aware quantization: error feedback, bias correction, the samples their statistics
+    use, and whether compensation runs layer by layer on the hardened prefix (`sequential`)."""
 
     compensation: bool = True
     bias_correction: bool = True
     calib_samples: int = 256
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
@@ -50,6 +52,12 @@ class FAQConfig:
     @property
     def needs_stats(self) -> bool:
         return self.compensation or self.bias_correction
+
+    @property
+    def shared_stats(self) -> bool:
+        """Whether the statistics are chip independent (computed once for a fleet): not when
+        each layer's come from the chip's own hardened prefix."""
+        return self.needs_stats and not (self.sequential and self.compensation)
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,7 @@ class ApplyOptions:
     compensation: bool = True
     bias_correction: bool = True
     calib_samples: int = 256
+    sequential: bool = True  # compensation layer by layer on the hardened prefix (compensate.absorbing_targets)
     seed: int = 0
     trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
     budget: float | None = 600.0  # seconds for that campaign: fewer trials when they would not fit; None: no limit
@@ -167,7 +176,7 @@ class ApplyOptions:
         return Config(
             seed=self.seed,
             clip=ClipConfig(self.clip, self.clip_style, self.clip_percentile),
-            faq=FAQConfig(self.compensation, self.bias_correction, self.calib_samples),
+            faq=FAQConfig(self.compensation, self.bias_correction, self.calib_samples, self.sequential),
             campaign=CampaignConfig(self.trials, tuple(self.faults) if self.faults is not None else DEFAULT_FAULTS,
                                     self.faults is not None, self.budget),
             training=training, layout=self.layout, passes=tuple(self.passes))

@@ -116,7 +116,7 @@ def build_shared(model: onnx.ModelProto, calib: Dataset, evald: Dataset, opts: A
         float_model = next(s.model for s in snaps if s.after == "simplify")
     table = qdq_weights(qmodel)
     if not table:
-        raise InputError("no int8 Conv/Gemm/MatMul weights to put in weight memory")
+        raise InputError("no int8 Conv/Gemm/MatMul/Gather weights to put in weight memory")
     return Shared(float_model, qmodel, ctx, evald, records, sum(w.size for w in table), passes, snaps)
 
 
@@ -169,6 +169,7 @@ def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator:
     model.CopyFrom(shared.plain)
     cfg = opts.config()
     faq = FAQPass(fm, compensate=cfg.faq.compensation, bias_correction=cfg.faq.bias_correction, calib_samples=cfg.faq.calib_samples,
+                  sequential=cfg.faq.sequential,
                   layout=cfg.layout)
     hardened, records = run_passes(model, [faq], shared.ctx)
     t0 = time.perf_counter()

@@ -103,6 +103,40 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return m
 
 
+def prefix_for(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model reduced to what computing the named tensors needs, which it outputs.
+
+    Layer-by-layer work (sequential compensation) asks for one layer's input at a time: the
+    layers after it need not run. Models with control flow (subgraphs may read outer values)
+    keep every node.
+    """
+    names = list(dict.fromkeys(names))
+    m = with_outputs(model, names)
+    g = m.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return m
+    producer = {out: i for i, node in enumerate(g.node) for out in node.output}
+    keep: set[int] = set()
+    stack = list(names)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(t for t in g.node[i].input if t)
+    nodes = [n for i, n in enumerate(g.node) if i in keep]
+    used = {t for n in nodes for t in n.input}
+    outputs = [o for o in g.output if o.name in set(names)]
+    inits = [t for t in g.initializer if t.name in used]
+    init_names = {t.name for t in g.initializer}
+    # every real input stays (the data feeds them all); an initializer listed as an input
+    # (IR < 4) goes with its initializer
+    inputs = [i for i in g.input if i.name not in init_names or i.name in used]
+    for field, items in (("node", nodes), ("output", outputs), ("initializer", inits), ("input", inputs)):
+        g.ClearField(field)
+        getattr(g, field).extend(items)
+    return m
+
+
 def capture(
     model: onnx.ModelProto,
     data: Dataset,
@@ -114,7 +148,7 @@ def capture(
 
     Streaming keeps memory bounded by one batch of activations, whatever the dataset size.
     """
-    m = with_outputs(model, tensors)
+    m = prefix_for(model, tensors)
     sess = session(m, optimize=False)
     bs = batch_size_for(model, batch_size)
     for feeds in data.batches(bs):

@@ -35,6 +35,10 @@ from ._training import training_fields, training_options
 @click.option("--clip-style", type=click.Choice(["zero", "saturate"]), default="zero", show_default=True)
 @click.option("--clip-percentile", type=click.FloatRange(50, 100), default=None, help="Clip threshold = this percentile of calibration activations. Default: chosen among 100, 99.99, 99.9 by a short bias-flip campaign on the calibration data.")
 @click.option("--compensation/--no-compensation", default=True, show_default=True, help="Error feedback of unfixable faults onto healthy weights.")
+@click.option("--sequential/--no-sequential", default=True, show_default=True,
+              help="Compensate layer by layer, each on the inputs the layers already hardened produce, so it also absorbs "
+                   "their error (GPTQ's sequential mode; two calibration passes per layer). --no-sequential: every layer on "
+                   "the plain int8 model's inputs, one pass for all.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
 @click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True, help="Samples used for the compensation statistics.")
 @click.option("--trials", type=click.IntRange(0), default=30, show_default=True, help="Trials per random fault point of the resilience campaign (0: no campaign).")
@@ -63,7 +67,7 @@ from ._training import training_fields, training_options
 @progress_option
 @quiet_option
 def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, bias_correction, calib_samples, trials, budget, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
+                  compensation, sequential, bias_correction, calib_samples, trials, budget, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
                   progress_lines, quiet, **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
@@ -86,6 +90,7 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
         clip_style=clip_style,
         clip_percentile=clip_percentile,
         compensation=compensation,
+        sequential=sequential,
         bias_correction=bias_correction,
         calib_samples=calib_samples,
         seed=seed,

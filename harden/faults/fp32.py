@@ -40,7 +40,7 @@ import onnx
 
 from ..data import Dataset, top1
 from ..errors import InputError
-from ..model import WEIGHT_OPS, drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare
+from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
 from ..runtime import batch_size_for, run_batched, session
 from ..simulate import weights_as_inputs
 from .base import (
@@ -154,8 +154,9 @@ class FloatWeightEvaluator(Session):
         self.values = {n: np.ascontiguousarray(get_initializer(work, n), dtype=np.float32) for n in names}
         self.ops: dict[str, tuple[str, str]] = {}
         for node in work.graph.node:
-            if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in self.values:
-                self.ops.setdefault(node.input[1], (node.op_type, node.name))
+            name = weight_input(node)
+            if name in self.values:
+                self.ops.setdefault(name, (node.op_type, node.name))
         self.model = weights_as_inputs(work, names)
         self.session = session(self.model)
         self.data = data

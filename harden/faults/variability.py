@@ -341,7 +341,7 @@ class AnalogEvaluator(Session):
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
         self.layers = analog_layers(model)
         if not self.layers:
-            raise InputError("variability: the model has no int8 Conv/Gemm/MatMul weights (not an int8 QDQ model)")
+            raise InputError("variability: the model has no int8 Conv/Gemm/MatMul/Gather weights (not an int8 QDQ model)")
         self.space = WeightSpace.from_model(model)
         self.model = analog_model(model, self.layers)
         self.session = session(self.model)

@@ -4,9 +4,11 @@ Steps (METHODS.md section 1, DESIGN.md step 5, issue 2):
 1. The memory layout of the int8 weight tensors (`linear` unless another layout plugin is
    given, e.g. "tiled:rows=128,cols=128"); the chip's stuck masks under every weight.
 2. One FAQ lookup table for the fault patterns present.
-3. Per weight tensor, per group of output rows: error feedback onto healthy weights with the
-   calibration Hessian (optional), then the table gather, then bias correction of the mean
-   residual error (optional).
+3. Per weight tensor in graph order, per group of output rows: error feedback onto healthy
+   weights with the calibration Hessian (optional), then the table gather, then bias correction
+   of the mean residual error (optional). Sequential (default): each layer's statistics come
+   from the model with the layers before it already hardened, paired with the plain model's, and
+   its targets first absorb the error those layers left (compensate.absorbing_targets).
 4. `harden.memory_map`, `harden.faultmap` and `harden.version` metadata.
 """
 
@@ -19,10 +21,10 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..compensate import bias_delta, remap_rows
+from ..compensate import absorbing_targets, bias_delta, remap_rows
 from ..faq_table import FAQTable, faq_remap, pattern_keys
 from ..faultmap import FaultMap, read_back
-from ..layer_stats import collect, rows_to_weight, supported, weight_rows
+from ..layer_stats import PairedStats, collect, collect_paired, rows_to_weight, supported, weight_rows
 from ..memory import MemoryMap, as_layout_tensors, get_layout, linear_layout
 from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_metadata
 from . import Pass, PassContext, PassResult
@@ -84,8 +86,9 @@ class FAQPass(Pass):
                 f"{record['forced']} absorbed by error feedback, {record['bias_corrected']} biases corrected")
 
     def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256,
-                 layout=None):
+                 layout=None, sequential: bool = True):
         self.faultmap = faultmap
+        self.sequential = sequential and compensate
         self.layout = None if layout is None else get_layout(layout)  # None: linear
         self.compensate = compensate
         self.bias_correction = bias_correction
@@ -103,7 +106,11 @@ class FAQPass(Pass):
 
         t0 = time.perf_counter()
         need_stats = self.compensate or self.bias_correction
-        stats = calibration_stats(model, ctx, self.calib_samples, self.compensate) if need_stats else {}
+        stats = calibration_stats(model, ctx, self.calib_samples, self.compensate) if need_stats and not self.sequential else {}
+        if self.sequential:
+            reference = onnx.ModelProto()
+            reference.CopyFrom(model)
+            calib = ctx.calib.take(self.calib_samples)
         t_stats = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -114,6 +121,11 @@ class FAQPass(Pass):
             s1 = sa1_s[slot.offset : slot.offset + slot.count].reshape(w.shape)
             plain = get_initializer(model, w.name)
             targets = _targets(w, plain, ctx.float_weights.get(w.name))
+            if self.sequential and supported(w):
+                # the input as the layers hardened so far make it, paired with the reference's
+                t1 = time.perf_counter()
+                stats[w.name] = collect_paired(reference, model, w, calib)
+                t_stats += time.perf_counter() - t1
             codes, forced, bias_fix = self._remap_tensor(w, targets, plain, s0, s1, table, stats.get(w.name))
             set_initializer(model, w.name, codes)
             if bias_fix is not None and w.bias is not None:
@@ -147,9 +159,10 @@ class FAQPass(Pass):
             **totals,
             "layout": "linear" if self.layout is None else self.layout.spec,
             "compensation": self.compensate,
+            "sequential": self.sequential,
             "bias_correction": self.bias_correction,
             "table_patterns": int(table.values.shape[0]),
-            "timings": {"table": round(t_table, 4), "calibration_stats": round(t_stats, 4), "remap": round(t_remap, 4)},
+            "timings": {"table": round(t_table, 4), "calibration_stats": round(t_stats, 4), "remap": round(t_remap - (t_stats if self.sequential else 0.0), 4)},
             "layers": layers,
         }
         return PassResult(model, True, record)
@@ -168,16 +181,24 @@ class FAQPass(Pass):
         forced = 0
         scale = _row_scale(w, n_rows)
         hessians = stats.hessian() if self.compensate else None
+        paired = isinstance(stats, PairedStats)
+        cross = stats.cross() if paired else None
         for g in range(stats.groups):
             sl = slice(g * per_group, (g + 1) * per_group)
             hessian = hessians[g] if hessians is not None else None
+            rows = t_rows[sl].astype(np.float64)
+            if paired:
+                rows = absorbing_targets(rows, hessian, cross[g])
             if hessian is None:
                 faq = faq_remap(t_rows[sl].ravel(), s0_rows[sl].ravel(), s1_rows[sl].ravel(), table).reshape(t_rows[sl].shape)
                 codes_rows[sl] = np.where((s0_rows[sl] | s1_rows[sl]) != 0, faq, weight_rows(w, plain)[sl])
             else:
-                codes_rows[sl], f = remap_rows(t_rows[sl].astype(np.float64), s0_rows[sl], s1_rows[sl], table, hessian)
+                codes_rows[sl], f = remap_rows(rows, s0_rows[sl], s1_rows[sl], table, hessian)
                 forced += f
-            if self.bias_correction:
+            if self.bias_correction and paired:
+                # E[T r] - E[codes x]: what the reference computed minus what this layer now does
+                fix[sl] = (t_rows[sl] @ stats.mean_ref[g] - codes_rows[sl] @ stats.mean[g]) * scale[sl]
+            elif self.bias_correction:
                 fix[sl] = bias_delta(t_rows[sl], codes_rows[sl], stats.mean[g], scale[sl])
         codes = rows_to_weight(w, codes_rows)
         return np.ascontiguousarray(codes), forced, fix if self.bias_correction else None

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from ..data import Dataset
 from ..errors import InputError
-from ..model import WEIGHT_OPS, float_weight_names, initializer_map, qdq_weights
+from ..model import TABLE_OPS, WEIGHT_OPS, float_weight_names, initializer_map, qdq_weights, weight_input
 from ..runtime import batch_size_for, fixed_batch
 from . import Pass, PassContext, PassResult
 
@@ -64,7 +64,7 @@ class QuantizePass(Pass):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         if not float_weight_names(model):
-            raise InputError("the model has no Conv, ConvTranspose, Gemm or MatMul weights to quantize")
+            raise InputError("the model has no Conv, ConvTranspose, Gemm, MatMul or embedding (Gather) weights to quantize")
         name_nodes(model)
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
         reader = _Reader(ctx.calib, batch_size_for(model, 64), fixed_batch(model) is not None)
@@ -90,7 +90,7 @@ class QuantizePass(Pass):
                     extra_options={
                         "WeightSymmetric": True,
                         "ActivationSymmetric": False,
-                        "TensorQuantOverrides": ctx.quant_overrides,
+                        "TensorQuantOverrides": {**_table_overrides(model), **ctx.quant_overrides},
                     },
                 )
                 qmodel = onnx.load(str(out))
@@ -103,7 +103,7 @@ class QuantizePass(Pass):
         ctx.float_weights.update(_float_weights_by_int8(model, qmodel))
         table = qdq_weights(qmodel)
         if not table:
-            raise InputError("quantization produced no int8 weights (no quantizable Conv/Gemm/MatMul)")
+            raise InputError("quantization produced no int8 weights (no quantizable Conv/Gemm/MatMul/Gather)")
         return PassResult(
             qmodel,
             True,
@@ -117,6 +117,17 @@ class QuantizePass(Pass):
         )
 
 
+def _table_overrides(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """Embedding tables (Gather from a 2-D float initializer) as symmetric int8, like every other
+    weight in weight memory: onnxruntime's quantizer would otherwise make them per-tensor
+    asymmetric uint8. Per tensor, not per row: the Gather's output shares the table's
+    quantization parameters in onnxruntime's QDQ graph, so a per-row scale cannot follow it."""
+    from onnxruntime.quantization import QuantType
+
+    tables = {weight_input(n) for n in model.graph.node if n.op_type in TABLE_OPS}
+    return {name: [{"quant_type": QuantType.QInt8, "symmetric": True}] for name in float_weight_names(model) if name in tables}
+
+
 def _float_weights_by_int8(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Map each int8 weight initializer to its float original, through the consuming node's name."""
     finits = initializer_map(fmodel)
@@ -124,8 +135,9 @@ def _float_weights_by_int8(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto) -> 
     out = {}
     for w in qdq_weights(qmodel):
         node = fnodes.get(w.node_name)
-        if node is not None and len(node.input) > 1 and node.input[1] in finits:
-            arr = numpy_helper.to_array(finits[node.input[1]])
+        name = weight_input(node) if node is not None else None
+        if name in finits:
+            arr = numpy_helper.to_array(finits[name])
             if arr.shape == w.shape:
                 out[w.name] = arr.astype(np.float32)
     return out
