@@ -36,7 +36,7 @@ from .model import get_metadata, is_qdq_int8, load_model, qdq_weights
 from .options import ApplyOptions, Config
 from .passes import Pass, PassContext, PassManager, Snapshot, rerun_without, resume_point, run_passes, skipped_record
 from .passes.faq import FAQPass
-from .plan import ablation_plans, plan
+from .plan import CLIP_PASSES, ablation_plans, plan
 from .report import REPORT_SCHEMA, to_json
 from .report.types import Results
 from .resilience import measure
@@ -326,8 +326,11 @@ def _variants(shared: Shared, hardened: onnx.ModelProto) -> list[tuple[str, str 
     each the plan with passes removed (plan.ablation_plans), rerun from the snapshots."""
     if shared.float_model is None:
         return [("int8", None, shared.plain), ("hardened", "faq", hardened)]
+    # a clip pass that left the model alone (the clip search chose no clipping) is no variant
+    unclipped = any(r.get("pass") == "clip" and not r.get("modified", True) for r in shared.records)
+    passes = [p for p in shared.passes if not (unclipped and p.name in CLIP_PASSES)]
     variants = [(name, added, rerun_without(shared.snapshots, shared.passes, removed) if removed else shared.plain)
-                for name, added, removed in ablation_plans(shared.passes)]
+                for name, added, removed in ablation_plans(passes)]
     return [*variants, ("hardened", "faq", hardened)]
 
 

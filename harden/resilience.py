@@ -66,4 +66,27 @@ def measure(
         "variants": [{"name": n, "adds": a} for n, a, _ in variants],
         "figures": figures,
         "ablation": ablation,
+        "fragility": fragility(variants, points, per_variant, figures),
     }
+
+
+def fragility(variants, points, per_variant: dict, figures: dict) -> list[dict]:
+    """The last variant (hardened) against the first (plain int8) under each random point:
+    issue 11 asks that hardening for one chip not make the model more fragile elsewhere, or
+    that the report say by how much and why. `clean_gap` is the fault-free difference the
+    hardened model carries everywhere (its codes are fitted to its own chip's stuck bits);
+    `excess` is what the random faults add on top of it."""
+    if len(variants) < 2:
+        return []
+    first, last = variants[0][0], variants[-1][0]
+    clean_gap = figures[last]["clean"]["accuracy"]["mean"] - figures[first]["clean"]["accuracy"]["mean"]
+    out = []
+    for p in points:
+        if getattr(p, "deterministic", False):
+            continue  # a given chip: not "elsewhere"
+        s = summarize(per_variant[last][p.label] - per_variant[first][p.label], bounds=None).as_dict()
+        lo, hi = s["ci"] if s["ci"] else (s["mean"], s["mean"])
+        out.append({"point": p.label, "difference": s["mean"], "ci95": [lo, hi], "clean_gap": round(clean_gap, 6),
+                    "excess": round(s["mean"] - clean_gap, 6),
+                    "verdict": "no more fragile" if hi >= 0 else "more fragile"})
+    return out

@@ -66,6 +66,15 @@ def summary_table(report: dict) -> str:
             lines.append("  measured gains: " + "; ".join(helps))
         if hurts:
             lines.append("  measured losses: " + "; ".join(hurts))
+        worse = [f for f in res_block.get("fragility", []) if f["verdict"] == "more fragile"]
+        if worse:
+            lines.append("  elsewhere: the hardened model is more fragile than plain int8 under "
+                         + "; ".join(f"{f['point']} ({100 * f['difference']:+.1f} pts)" for f in worse)
+                         + f"; {100 * worse[0]['clean_gap']:+.1f} pts of each is its fault-free difference "
+                         "(its codes fit this chip's stuck bits), the rest what the faults add")
+        elif res_block.get("fragility"):
+            lines.append("  elsewhere: the hardened model is no more fragile than plain int8 under the random points "
+                         "(paired 95% intervals)")
         cut = res_block.get("budget")
         if cut:
             lines.append(f"  --budget {cut['seconds']:g} s cut the trials from {cut['trials_asked']} to {cut['trials_run']} per random point")

@@ -337,6 +337,17 @@ def _apply_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
                                         num=[3, 4])))
         else:
             body.append(_section("ablation", "Ablation: what each pass buys", _p("No ablation rows.", "note")))
+        frag = [f for f in rb.get("fragility") or [] if isinstance(f, dict) and f.get("difference") is not None]
+        if frag:
+            rows = [[_label(f.get("point")), _pts(f["difference"]), _ci_text(f.get("ci95")) or "–", _pts(f.get("clean_gap", 0.0)),
+                     _pts(f.get("excess", 0.0)),
+                     _H(f'<span class="badge {"hurts" if f.get("verdict") == "more fragile" else "none"}">{_x(f.get("verdict", ""))}</span>')]
+                    for f in frag]
+            body.append(_section("fragility", "Elsewhere: hardened against plain int8 under random faults",
+                                 _table(["point", "difference (pts)", "95% CI (pts)", "of it fault-free (pts)", "added by the faults (pts)",
+                                         "verdict"], rows, num=[1, 2, 3, 4]),
+                                 _p("The hardened model's codes fit its own chip's stuck bits; under other faults it carries its "
+                                    "fault-free difference from plain int8, and the faults may add to it.", "note")))
     else:
         body.append(_section("resilience", "Resilience", _p("No resilience campaign in this report (apply --trials 0).", "note")))
         nav.append(("resilience", "resilience"))
