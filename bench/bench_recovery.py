@@ -3,8 +3,9 @@
     python bench/bench_recovery.py [--chips 5] [--rates 0.04,0.08,0.15]
 
 Trains (or reuses, with HARDEN_ZOO_DIR) the test suite's plain and residual digits CNNs,
-generates uniform stuck-at chips, and runs harden.pipeline.apply with and without error
-feedback. Recovery = (hardened on chip - int8 on chip) / (int8 - int8 on chip), averaged as
+generates uniform stuck-at chips, and runs harden.pipeline.apply with FAQ alone, with error
+feedback on the plain model's statistics (--no-sequential) and with sequential compensation
+(the default). Recovery = (hardened on chip - int8 on chip) / (int8 - int8 on chip), averaged as
 mean recovered / mean lost over the chips. Writes bench/results/recovery.json.
 """
 
@@ -46,13 +47,13 @@ def main() -> None:
             model = zoo.train_digits_cnn(kind, zoo_dir)
             n = weight_count(model)
             for rate in rates:
-                for label, comp in (("faq", False), ("faq+feedback", True)):
+                for label, comp, seq in (("faq", False, False), ("faq+feedback", True, False), ("faq+sequential", True, True)):
                     acc, secs = [], []
                     for seed in range(100, 100 + args.chips):
                         chip = Path(tmp) / f"chip{seed}.bin"
                         write_faultmap(generate_uniform(n, rate, seed), chip)
                         t0 = time.perf_counter()
-                        r = apply(model, chip, calib, write=False, eval_data_path=test, options=ApplyOptions(compensation=comp, trials=0, clip_percentile=100.0))
+                        r = apply(model, chip, calib, write=False, eval_data_path=test, options=ApplyOptions(compensation=comp, sequential=seq, trials=0, clip_percentile=100.0))
                         secs.append(time.perf_counter() - t0)
                         acc.append(r.report["results"]["accuracy"])
                     i8 = np.mean([a["int8"] for a in acc])

@@ -157,47 +157,65 @@ class PairedStats(LayerStats):
 def collect_paired(
     reference: onnx.ModelProto,
     model: onnx.ModelProto,
-    w: QWeight,
+    weights: list[QWeight],
     data: Dataset,
     *,
     max_rows: int = 8192,
-) -> PairedStats:
-    """One weight op's input statistics in `model` and across to `reference`, on the same
-    unfolded rows of the same samples (two streamed passes; the reference's picked rows are
-    kept, at most `max_rows`, so memory is bounded by max_rows x d per group)."""
+    max_kept: int = 1 << 22,
+) -> dict[str, PairedStats]:
+    """Input statistics of weight ops in `model` and across to `reference`, on the same unfolded
+    rows of the same samples: two streamed passes, each running only the prefix the ops' inputs
+    need. The reference's picked rows are kept between the passes (float32, at most `max_rows`
+    per op and `max_kept` values per op, so a 4608-wide ResNet-50 layer keeps 910 rows)."""
     batch = 32
     n_batches = max(1, -(-len(data) // batch))
-    per_batch = max(1, max_rows // n_batches)
-    picked: list[np.ndarray] = []
-    st: PairedStats | None = None
+    layers = [w for w in weights if supported(w)]
+    kept: dict[str, list] = {w.name: [] for w in layers}
+    stats: dict[str, PairedStats] = {}
+    seen = [0]
 
-    def rows_of(acts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    def rows_of(w: QWeight, acts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
         cols = unfold(w, acts[w.activation].astype(np.float64))
-        r = cols.shape[1]
+        g, r, d = cols.shape
+        per_batch = max(1, min(max_rows, max(64, max_kept // max(g * d, 1))) // n_batches)
         return cols, (cols if r <= per_batch else cols[:, np.linspace(0, r - 1, per_batch).astype(np.int64)]), r
 
     def on_reference(acts: dict[str, np.ndarray]) -> None:
-        cols, pick, _ = rows_of(acts)
-        picked.append((pick, cols.sum(axis=1)))
+        for w in layers:
+            cols, pick, _ = rows_of(w, acts)
+            kept[w.name].append((pick.astype(np.float32), cols.sum(axis=1)))
 
     def on_model(acts: dict[str, np.ndarray]) -> None:
-        nonlocal st
-        cols, pick, r = rows_of(acts)
-        ref_pick, ref_sum = picked[len_seen[0]]
-        len_seen[0] += 1
-        g, _, d = cols.shape
-        if st is None:
-            st = PairedStats(groups=g, sum_x=np.zeros((g, d)), sum_xx=np.zeros((g, d, d)), sum_r=np.zeros((g, d)),
-                             sum_rx=np.zeros((g, d, d)))
-        weight = r / pick.shape[1]
-        st.sum_x += cols.sum(axis=1)
-        st.sum_r += ref_sum
-        st.sum_xx += np.matmul(pick.transpose(0, 2, 1), pick) * weight
-        st.sum_rx += np.matmul(ref_pick.transpose(0, 2, 1), pick) * weight
-        st.rows += r
+        b = seen[0]
+        seen[0] += 1
+        for w in layers:
+            cols, pick, r = rows_of(w, acts)
+            ref_pick, ref_sum = kept[w.name][b]
+            kept[w.name][b] = None  # used: free it
+            g, _, d = cols.shape
+            st = stats.get(w.name)
+            if st is None:
+                st = stats[w.name] = PairedStats(groups=g, sum_x=np.zeros((g, d)), sum_xx=np.zeros((g, d, d)),
+                                                 sum_r=np.zeros((g, d)), sum_rx=np.zeros((g, d, d)))
+            weight = r / pick.shape[1]
+            st.sum_x += cols.sum(axis=1)
+            st.sum_r += ref_sum
+            st.sum_xx += np.matmul(pick.transpose(0, 2, 1), pick) * weight
+            st.sum_rx += np.matmul(ref_pick.astype(np.float64).transpose(0, 2, 1), pick) * weight
+            st.rows += r
 
-    len_seen = [0]
-    capture(reference, data, [w.activation], on_reference, batch_size=batch)
-    capture(model, data, [w.activation], on_model, batch_size=batch)
-    assert st is not None
-    return st
+    names = sorted({w.activation for w in layers})
+    if names:
+        capture(reference, data, names, on_reference, batch_size=batch)
+        capture(model, data, names, on_model, batch_size=batch)
+    return stats
+
+
+def stages(weights: list[QWeight], max_stages: int) -> list[list[QWeight]]:
+    """The supported weights in graph order, cut into at most `max_stages` runs of consecutive
+    ops: sequential compensation collects one stage's statistics in one pair of passes, so a
+    deep model (ResNet-50: 54 ops) costs 2 x max_stages prefix passes, not 2 x 54."""
+    layers = [w for w in weights if supported(w)]
+    if not layers:
+        return []
+    return [list(part) for part in np.array_split(np.array(layers, dtype=object), min(max_stages, len(layers)))]

@@ -33,7 +33,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 needs_mpl = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib (harden[report])")
 
-APPLY_SECTIONS = ("summary", "inputs", "accuracy", "resilience", "sdc", "points", "ablation", "faq", "passes", "options")
+APPLY_SECTIONS = ("summary", "inputs", "accuracy", "resilience", "sdc", "points", "ablation", "fragility", "faq", "passes", "options")
 SIMULATE_SECTIONS = ("summary", "inputs", "resilience", "sdc", "points", "options")
 HOSTILE = '<script>alert("x")</script>&$x$'
 
@@ -158,7 +158,9 @@ def test_apply_page_has_every_section_and_figure(apply_report, apply_html):
         assert label in text
     for v in rb["variants"]:
         assert f"{v['name']} accuracy" in text and f"{v['name']} SDC-1" in text
-    assert len(re.findall(r'class="badge (helps|hurts|none)"', apply_html)) == len(rb["ablation"])
+    # a verdict badge per ablation row and per fragility row (hardened vs int8 at each random point)
+    assert len(re.findall(r'class="badge (helps|hurts|none)"', apply_html)) == len(rb["ablation"]) + len(rb["fragility"])
+    assert len(rb["fragility"]) == 3 and "Elsewhere: hardened against plain int8" in apply_html
     faq = next(r for r in apply_report["passes"] if r["pass"] == "faq")
     for layer in faq["layers"]:
         assert layer["tensor"] in text and f"{layer['rms_error_faq']:.6g}" in text

@@ -24,7 +24,7 @@ from .. import __version__
 from ..compensate import absorbing_targets, bias_delta, remap_rows
 from ..faq_table import FAQTable, faq_remap, pattern_keys
 from ..faultmap import FaultMap, read_back
-from ..layer_stats import PairedStats, collect, collect_paired, rows_to_weight, supported, weight_rows
+from ..layer_stats import PairedStats, collect, collect_paired, rows_to_weight, stages, supported, weight_rows
 from ..memory import MemoryMap, as_layout_tensors, get_layout, linear_layout
 from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_metadata
 from . import Pass, PassContext, PassResult
@@ -86,9 +86,10 @@ class FAQPass(Pass):
                 f"{record['forced']} absorbed by error feedback, {record['bias_corrected']} biases corrected")
 
     def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256,
-                 layout=None, sequential: bool = True):
+                 layout=None, sequential: bool = True, max_stages: int = 16):
         self.faultmap = faultmap
         self.sequential = sequential and compensate
+        self.max_stages = max_stages
         self.layout = None if layout is None else get_layout(layout)  # None: linear
         self.compensate = compensate
         self.bias_correction = bias_correction
@@ -111,6 +112,8 @@ class FAQPass(Pass):
             reference = onnx.ModelProto()
             reference.CopyFrom(model)
             calib = ctx.calib.take(self.calib_samples)
+            stage_list = stages(weights, self.max_stages)
+            stage_of = {w.name: i for i, stage in enumerate(stage_list) for w in stage}
         t_stats = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -121,10 +124,10 @@ class FAQPass(Pass):
             s1 = sa1_s[slot.offset : slot.offset + slot.count].reshape(w.shape)
             plain = get_initializer(model, w.name)
             targets = _targets(w, plain, ctx.float_weights.get(w.name))
-            if self.sequential and supported(w):
-                # the input as the layers hardened so far make it, paired with the reference's
+            if self.sequential and w.name in stage_of and w.name not in stats:
+                # this stage's inputs as the stages hardened so far make them, paired with the reference's
                 t1 = time.perf_counter()
-                stats[w.name] = collect_paired(reference, model, w, calib)
+                stats.update(collect_paired(reference, model, stage_list[stage_of[w.name]], calib))
                 t_stats += time.perf_counter() - t1
             codes, forced, bias_fix = self._remap_tensor(w, targets, plain, s0, s1, table, stats.get(w.name))
             set_initializer(model, w.name, codes)
@@ -160,6 +163,7 @@ class FAQPass(Pass):
             "layout": "linear" if self.layout is None else self.layout.spec,
             "compensation": self.compensate,
             "sequential": self.sequential,
+            **({"stages": len(stage_list)} if self.sequential else {}),
             "bias_correction": self.bias_correction,
             "table_patterns": int(table.values.shape[0]),
             "timings": {"table": round(t_table, 4), "calibration_stats": round(t_stats, 4), "remap": round(t_remap - (t_stats if self.sequential else 0.0), 4)},

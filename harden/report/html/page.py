@@ -293,7 +293,8 @@ def _apply_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
     rb = res.get("resilience")
     if rb:
         series, labels = _series_apply(rb)
-        nav += [("resilience", "resilience"), ("sdc", "SDC-1"), ("points", "every point"), ("ablation", "ablation")]
+        nav += [("resilience", "resilience"), ("sdc", "SDC-1"), ("points", "every point"), ("ablation", "ablation"),
+                ("fragility", "elsewhere")]
         names = ", ".join(f"{s['name']}" + (f" (+{s['adds']})" if s["adds"] else "") for s in series)
         parts = [_p(f"The same fault campaign on the model after each pass ({names}): {rb.get('trials', '?')} trials per "
                     f"random point, seed {rb.get('seed', '?')}; trial t of every variant gets the same faults.")]
@@ -338,7 +339,10 @@ def _apply_page(rep: dict, plots: _Plots) -> tuple[str, str, list, list]:
         else:
             body.append(_section("ablation", "Ablation: what each pass buys", _p("No ablation rows.", "note")))
         frag = [f for f in rb.get("fragility") or [] if isinstance(f, dict) and f.get("difference") is not None]
-        if frag:
+        if not frag:
+            body.append(_section("fragility", "Elsewhere: hardened against plain int8 under random faults",
+                                 _p("No random fault point in this campaign.", "note")))
+        else:
             rows = [[_label(f.get("point")), _pts(f["difference"]), _ci_text(f.get("ci95")) or "–", _pts(f.get("clean_gap", 0.0)),
                      _pts(f.get("excess", 0.0)),
                      _H(f'<span class="badge {"hurts" if f.get("verdict") == "more fragile" else "none"}">{_x(f.get("verdict", ""))}</span>')]
