@@ -94,6 +94,18 @@ def unfold(w: QWeight, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(win).reshape(g, -1, cg * int(np.prod(kernel)))
 
 
+#: Input bytes per statistics batch: a batch's unfolded activations (float64 im2col, ~100x the
+#: input for a 3x3 convolution) dominate the memory of the statistics; 32 digits are 8 KiB, 32
+#: ImageNet images 19 MiB, which unfolded at ResNet-50's second stage made 460 MB arrays.
+STATS_BATCH_BYTES = 4 << 20
+
+
+def stats_batch(data: Dataset, most: int = 32) -> int:
+    """Samples per statistics batch: at most `most`, and at most STATS_BATCH_BYTES of input."""
+    per_sample = sum(v[:1].nbytes for v in data.inputs.values()) or 1
+    return int(max(1, min(most, STATS_BATCH_BYTES // per_sample)))
+
+
 def collect(
     model: onnx.ModelProto,
     weights: list[QWeight],
@@ -109,7 +121,7 @@ def collect(
     """
     layers = [w for w in weights if supported(w)]
     stats: dict[str, LayerStats] = {}
-    batch = 32
+    batch = stats_batch(data)
     n_batches = max(1, -(-len(data) // batch))
     per_batch = max(1, max_rows // n_batches)
 
@@ -167,7 +179,7 @@ def collect_paired(
     rows of the same samples: two streamed passes, each running only the prefix the ops' inputs
     need. The reference's picked rows are kept between the passes (float32, at most `max_rows`
     per op and `max_kept` values per op, so a 4608-wide ResNet-50 layer keeps 910 rows)."""
-    batch = 32
+    batch = stats_batch(data)
     n_batches = max(1, -(-len(data) // batch))
     layers = [w for w in weights if supported(w)]
     kept: dict[str, list] = {w.name: [] for w in layers}

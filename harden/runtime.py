@@ -21,8 +21,9 @@ def set_session_threads(threads: int | None) -> None:
     _THREADS = threads
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = True, host_fused: bool = False) -> ort.InferenceSession:
-    """A CPU session for an in-memory model that computes what the chip computes.
+def session(model: onnx.ModelProto | bytes, *, optimize: bool = True, host_fused: bool = False) -> ort.InferenceSession:
+    """A CPU session for an in-memory model (a ModelProto or its serialized bytes) that computes
+    what the chip computes.
 
     QDQ fusion is off (arithmetic.py: exact int32 accumulation to within float32 rounding, on
     any host). `host_fused=True` gives onnxruntime's default session instead, whose fused int8
@@ -34,7 +35,8 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, host_fused: bool =
     else:
         opts = session_options(optimize=optimize, threads=_THREADS)
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        src = model if isinstance(model, bytes) else model.SerializeToString()
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise InputError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0][:200]}") from None
 

@@ -1,8 +1,16 @@
 """Evaluate int8 QDQ models as a chip would read them, on onnxruntime.
 
-One session per model: the int8 weight tensors and int32 biases become graph inputs
-(METHODS.md section 6: onnxruntime still fuses the QDQ groups and the outputs are
-bit-identical to constant weights), so any number of read-back variants are just feeds.
+Two ways to run a read-back variant (`ChipEvaluator(strategy=...)`):
+
+- "rebuild" (default): an ordinary session per variant, its weights constant, so onnxruntime
+  folds each DequantizeLinear and prepacks the weights (NCHWc convolutions). The model's bytes
+  without the weight tensors are serialized once and each variant appends its tensors:
+  protobuf merges a repeated field across concatenated messages, so a variant costs the
+  serialization of what it changed, a session build and one prepacked pass.
+- "feed": one session whose int8 weights and int32 biases are graph inputs, so a variant is just
+  feeds; but onnxruntime cannot prepack input weights, and its convolutions run 2 to 4x slower.
+
+Both run the chip's arithmetic (unfused QDQ): the same products, summed to float32 rounding.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .data import Dataset, accuracy, top1
 from .faultmap import FaultMap, read_back
@@ -34,6 +43,17 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     return m
 
 
+STRATEGIES = ("rebuild", "feed")
+
+
+def _initializer_bytes(name: str, value: np.ndarray) -> bytes:
+    """A ModelProto holding only graph.initializer [value]: appended to a model's bytes, protobuf's
+    merge adds it to that model's initializers."""
+    m = onnx.ModelProto()
+    m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return m.SerializeToString()
+
+
 @dataclass
 class Reference:
     """What predictions are scored against: labels, or the float model's top-1 (agreement)."""
@@ -48,13 +68,28 @@ class ChipEvaluator:
     Built once per model structure; `evaluate(weights, biases)` costs one inference pass.
     """
 
-    def __init__(self, model: onnx.ModelProto, data: Dataset, reference: Reference):
+    def __init__(self, model: onnx.ModelProto, data: Dataset, reference: Reference, *, strategy: str = "rebuild"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.table = qdq_weights(model)
         self.weight_names = [w.name for w in self.table]
         self.bias_names = [w.bias for w in self.table if w.bias]
-        self.defaults = {n: get_initializer(model, n) for n in self.weight_names + self.bias_names}
-        self.session_model = weights_as_inputs(model, self.weight_names + self.bias_names)
-        self.session = session(self.session_model)
+        names = self.weight_names + self.bias_names
+        self.defaults = {n: get_initializer(model, n) for n in names}
+        self.strategy = strategy
+        self._model = model
+        self._session_model: onnx.ModelProto | None = None
+        if strategy == "feed":
+            self.session = session(self.session_model)
+        else:
+            self.session = session(model)
+            base = onnx.ModelProto()
+            base.CopyFrom(model)
+            keep = [t for t in base.graph.initializer if t.name not in set(names)]
+            del base.graph.initializer[:]
+            base.graph.initializer.extend(keep)
+            self._base = base.SerializeToString()
+            self._tensor_bytes = {n: _initializer_bytes(n, v) for n, v in self.defaults.items()}
         self.data = data
         self.reference = reference
         self.batch = batch_size_for(model, 256)
@@ -67,12 +102,26 @@ class ChipEvaluator:
         for them once per chip, a campaign and the host check once more."""
         if not values and self._clean is not None:
             return self._clean
-        feeds = {**self.defaults, **(values or {})}
-        (logits,) = run_batched(self.session, self.data, self.batch, [self.session.get_outputs()[0].name], feeds)
+        if self.strategy == "feed":
+            sess, feeds = self.session, {**self.defaults, **(values or {})}
+        elif values:
+            parts = [_initializer_bytes(n, values[n]) if n in values else b for n, b in self._tensor_bytes.items()]
+            sess, feeds = session(self._base + b"".join(parts)), None
+        else:
+            sess, feeds = self.session, None
+        (logits,) = run_batched(sess, self.data, self.batch, [sess.get_outputs()[0].name], feeds)
         if not values:
             logits.setflags(write=False)
             self._clean = logits
         return logits
+
+    @property
+    def session_model(self) -> onnx.ModelProto:
+        """The model with the int8 weights and int32 biases as graph inputs (the feed strategy's
+        graph; workers and side sessions that feed values use it)."""
+        if self._session_model is None:
+            self._session_model = weights_as_inputs(self._model, self.weight_names + self.bias_names)
+        return self._session_model
 
     def predictions(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
         return top1(self.logits(values))

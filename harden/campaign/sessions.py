@@ -32,7 +32,6 @@ class WeightSession(Session):
     def __init__(self, evaluator: ChipEvaluator, space: WeightSpace):
         self.evaluator = evaluator
         self.space = space
-        self.model = evaluator.session_model
         self.values = evaluator.defaults  # the clean int8 weights and int32 biases
         self.clean_logits = evaluator.logits(None)
         self.clean = top1(self.clean_logits)
@@ -41,6 +40,11 @@ class WeightSession(Session):
             self.ops[w.name] = (w.op_type, w.node_name)
             if w.bias:
                 self.ops[w.bias] = (w.op_type, w.node_name)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The graph with the weights as inputs (built when asked for: trials rebuild sessions)."""
+        return self.evaluator.session_model
 
     def predictions(self, injection: Injection | None = None) -> np.ndarray:
         if injection is None or not injection.tensors:

@@ -30,6 +30,15 @@ from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_
 from . import Pass, PassContext, PassResult
 
 INT32 = np.iinfo(np.int32)
+#: Sequential compensation's stages: up to 16 (per layer on the small models measured in
+#: docs/results.md), fewer on large models, where each stage costs two passes of the model's
+#: prefix over the calibration data (ResNet-50, 25.5 M weights: 4 stages; issue 12's time).
+MAX_STAGES, STAGE_WEIGHTS = 16, 2_000_000
+
+
+def stages_for(num_weights: int) -> int:
+    """How many stages sequential compensation uses for a model of `num_weights` weights."""
+    return max(4, min(MAX_STAGES, int(MAX_STAGES * STAGE_WEIGHTS / max(num_weights, 1))))
 
 
 def memory_map_for(model: onnx.ModelProto, num_words: int, layout=None) -> MemoryMap:
@@ -86,7 +95,7 @@ class FAQPass(Pass):
                 f"{record['forced']} absorbed by error feedback, {record['bias_corrected']} biases corrected")
 
     def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256,
-                 layout=None, sequential: bool = True, max_stages: int = 16):
+                 layout=None, sequential: bool = True, max_stages: int | None = None):
         self.faultmap = faultmap
         self.sequential = sequential and compensate
         self.max_stages = max_stages
@@ -112,7 +121,7 @@ class FAQPass(Pass):
             reference = onnx.ModelProto()
             reference.CopyFrom(model)
             calib = ctx.calib.take(self.calib_samples)
-            stage_list = stages(weights, self.max_stages)
+            stage_list = stages(weights, self.max_stages or stages_for(sum(w.size for w in weights)))
             stage_of = {w.name: i for i, stage in enumerate(stage_list) for w in stage}
         t_stats = time.perf_counter() - t0
 
