@@ -15,7 +15,7 @@ import onnx
 
 from .data import Dataset
 from .model import QWeight
-from .runtime import capture
+from .runtime import batch_size_for, capture
 
 
 @dataclass
@@ -121,7 +121,7 @@ def collect(
     """
     layers = [w for w in weights if supported(w)]
     stats: dict[str, LayerStats] = {}
-    batch = stats_batch(data)
+    batch = batch_size_for(model, stats_batch(data))  # a fixed-batch model runs its own batch
     n_batches = max(1, -(-len(data) // batch))
     per_batch = max(1, max_rows // n_batches)
 
@@ -179,7 +179,7 @@ def collect_paired(
     rows of the same samples: two streamed passes, each running only the prefix the ops' inputs
     need. The reference's picked rows are kept between the passes (float32, at most `max_rows`
     per op and `max_kept` values per op, so a 4608-wide ResNet-50 layer keeps 910 rows)."""
-    batch = stats_batch(data)
+    batch = batch_size_for(model, stats_batch(data))  # a fixed-batch model runs its own batch
     n_batches = max(1, -(-len(data) // batch))
     layers = [w for w in weights if supported(w)]
     kept: dict[str, list] = {w.name: [] for w in layers}
