@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
 from .data import Dataset, accuracy, top1
@@ -102,18 +103,22 @@ class ChipEvaluator:
         for them once per chip, a campaign and the host check once more."""
         if not values and self._clean is not None:
             return self._clean
-        if self.strategy == "feed":
-            sess, feeds = self.session, {**self.defaults, **(values or {})}
-        elif values:
-            parts = [_initializer_bytes(n, values[n]) if n in values else b for n, b in self._tensor_bytes.items()]
-            sess, feeds = session(self._base + b"".join(parts)), None
-        else:
-            sess, feeds = self.session, None
+        sess, feeds = self.session_for(values)
         (logits,) = run_batched(sess, self.data, self.batch, [sess.get_outputs()[0].name], feeds)
         if not values:
             logits.setflags(write=False)
             self._clean = logits
         return logits
+
+    def session_for(self, values: dict[str, np.ndarray] | None = None) -> tuple[ort.InferenceSession, dict | None]:
+        """The session that runs the model with `values` in place of its weights / biases, and
+        the feeds it needs besides the data (the values themselves for the feed strategy)."""
+        if self.strategy == "feed":
+            return self.session, {**self.defaults, **(values or {})}
+        if not values:
+            return self.session, None
+        parts = [_initializer_bytes(n, values[n]) if n in values else b for n, b in self._tensor_bytes.items()]
+        return session(self._base + b"".join(parts)), None
 
     @property
     def session_model(self) -> onnx.ModelProto:

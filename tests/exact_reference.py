@@ -145,7 +145,8 @@ def compare(seed: int = 0) -> dict:
     data = Dataset({"input": x})
     h_ref, out_ref = reference(p, x)
     ev = ChipEvaluator(model, data, Reference(np.argmax(out_ref, 1), "agreement"))
-    logits, hidden = run_batched(ev.session, data, 64, ["logits", "hidden"], ev.defaults)
+    sess, feeds = ev.session_for(None)  # the evaluator's own session for the model's weights
+    logits, hidden = run_batched(sess, data, 64, ["logits", "hidden"], feeds)
     fused = session(model, host_fused=True)
     f_logits, f_hidden = fused.run(["logits", "hidden"], {"input": x})
 

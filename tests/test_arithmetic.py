@@ -28,6 +28,7 @@ from harden.arithmetic import TOLERANCE, describe, fused_kernels_exact
 from harden.data import Dataset
 from harden.faultmap import read_faultmap
 from harden.model import get_metadata
+from harden.runtime import run_batched
 from harden.pipeline import ApplyOptions, apply
 from harden.report import warning_line
 from harden.simulate import ChipEvaluator, Reference
@@ -53,8 +54,10 @@ def test_chip_evaluator_equals_exact_int32_reference(seed):
         assert result[key]["off_fraction"] <= TOLERANCE["activation_ties"], (key, result[key])
 
 
-def test_faulty_weights_fed_to_the_session_equal_the_reference():
-    """The campaign path: int8 weights fed as inputs, pushed to extreme codes by stuck bits."""
+@pytest.mark.parametrize("strategy", ["rebuild", "feed"])
+def test_faulty_weights_in_a_trial_session_equal_the_reference(strategy):
+    """The campaign path, both ways a trial runs (a session rebuilt with the faulty tensors, or
+    the tensors fed as inputs): int8 weights pushed to extreme codes by stuck bits."""
     model, x, p = xr.build(3)
     rng = np.random.default_rng(3)
     w1 = p["w1"].copy()
@@ -63,11 +66,9 @@ def test_faulty_weights_fed_to_the_session_equal_the_reference():
     w2 = p["w2"].copy()
     w2.view(np.uint8)[rng.random(w2.shape) < 0.1] ^= 0x80  # flipped sign bits
     h_ref, out_ref = xr.reference(p, x, w1, w2)
-    ev = ChipEvaluator(model, Dataset({"input": x}), Reference(np.argmax(out_ref, 1), "agreement"))
-    feeds = {**ev.defaults, "w1": w1, "w2": np.ascontiguousarray(w2.T)}
-    from harden.runtime import run_batched
-
-    logits, hidden = run_batched(ev.session, ev.data, 64, ["logits", "hidden"], feeds)
+    ev = ChipEvaluator(model, Dataset({"input": x}), Reference(np.argmax(out_ref, 1), "agreement"), strategy=strategy)
+    sess, feeds = ev.session_for({"w1": w1, "w2": np.ascontiguousarray(w2.T)})
+    logits, hidden = run_batched(sess, ev.data, 64, ["logits", "hidden"], feeds)
     _within_tolerance(xr.to_codes(hidden, p["so1"], p["zo1"]), h_ref)
     _within_tolerance(xr.to_codes(logits, p["so2"], p["zo2"]), out_ref)
     assert ev.evaluate({"w1": w1, "w2": np.ascontiguousarray(w2.T)}) >= 1 - TOLERANCE["activation_ties"] * 10
