@@ -191,3 +191,20 @@ def test_simulate_and_fleet_on_bert(tmp_path, arch):
     points = json.loads(r.output)["points"]
     means = [p["accuracy"]["mean"] for p in points]
     assert means[0] > means[1]  # more flips, less accuracy: the faults reach the model
+
+
+def test_saq_fine_tune_on_bert(tmp_path, arch):
+    """The training graph (harden/train/graph.py) runs the BERT: Gather from embedding tables,
+    LayerNormalization, Erf, Softmax, Expand; one SAQ epoch inside apply."""
+    pytest.importorskip("torch")
+    model, calib, test = arch["bert"]
+    chip = tmp_path / "chip.bin"
+    write_faultmap(generate_uniform(weight_count(model), 0.04, 1), chip)
+    r = CliRunner().invoke(main, ["apply", str(model), "--faultmap", str(chip), "--data", str(calib), "--eval-data", str(test),
+                                  "-o", str(tmp_path / "h.onnx"), "--saq", "--epochs", "1", "--trials", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    saq = next(p for p in rep["passes"] if p["pass"] == "saq")
+    assert len(saq["epochs"]) == 1
+    acc = rep["results"]["accuracy"]
+    assert acc["hardened_on_chip"] > acc["int8_on_chip"] + 0.2

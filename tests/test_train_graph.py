@@ -17,7 +17,7 @@ from harden.data import Dataset  # noqa: E402
 from harden.errors import InputError  # noqa: E402
 from harden.passes import PassContext  # noqa: E402
 from harden.passes.clip import ClipPass  # noqa: E402
-from harden.model import prepare  # noqa: E402
+from harden.model import load_model, prepare  # noqa: E402
 from harden.train.graph import OnnxModule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +91,18 @@ def test_matches_onnxruntime_after_prepare(zoo_dir, name):
     build, data = CASES[name]
     model, _ = prepare(_load(build, zoo_dir))
     _matches_ort(model, data(zoo_dir))
+
+
+@pytest.mark.parametrize("kind,opset", [("vit", 17), ("vit", 14), ("mobilenetv2", 17), ("bert", 17)])
+def test_matches_onnxruntime_on_the_architectures(zoo_dir, digits, kind, opset):
+    """The training graph runs the ViT (LayerNormalization, Erf, Softmax, Expand, attention
+    MatMuls; at opset 14 LayerNorm decomposed), the MobileNetV2 (depthwise Conv, Clip) and the
+    BERT (Gather from embedding tables, int64 token ids) as apply prepares them."""
+    model, _ = prepare(load_model(zoo.train_arch(kind, zoo_dir, opset=opset)))
+    x = zoo.arch_inputs(kind, digits["x_test"][:64])
+    ref = zoo.run_ort(model, np.array(x))
+    got = _torch_out(OnnxModule(model), x)
+    zoo.assert_close(got, ref, rtol=1e-4)
 
 
 @pytest.mark.parametrize("style", ["zero", "saturate"])

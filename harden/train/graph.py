@@ -379,6 +379,30 @@ def _gather(inputs, a, ctx):
     return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1 :]))
 
 
+def _expand(inputs, a, ctx):
+    """ONNX Expand broadcasts both ways (a 1 in the shape keeps the input's size), unlike
+    torch's expand: broadcast against a tensor of the asked shape."""
+    x, shape = inputs
+    target = torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape)))
+    return x.expand(target)
+
+
+def _layer_norm(inputs, a, ctx):
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if _present(inputs, 2) else None
+    axis = int(a.get("axis", -1))
+    if axis < 0:
+        axis += x.dim()
+    return torch.nn.functional.layer_norm(x, tuple(x.shape[axis:]), scale.expand(x.shape[axis:]),
+                                          None if bias is None else bias.expand(x.shape[axis:]),
+                                          eps=float(a.get("epsilon", 1e-5)))
+
+
+def _gelu(inputs, a, ctx):
+    return torch.nn.functional.gelu(inputs[0], approximate=a.get("approximate", b"none").decode()
+                                    if isinstance(a.get("approximate"), bytes) else a.get("approximate", "none"))
+
+
 def _constant_of_shape(inputs, a, ctx):
     shape = _ints(inputs[0])
     value = a.get("value")
@@ -526,6 +550,10 @@ OPS: dict[str, Callable] = {
     "Shape": _shape,
     "Size": _size,
     "Gather": _gather,
+    "Expand": _expand,
+    "LayerNormalization": _layer_norm,
+    "Gelu": _gelu,
+    "HardSwish": _unary(torch.nn.functional.hardswish),
     "ConstantOfShape": _constant_of_shape,
     "ReduceMean": _reduce("mean"),
     "ReduceSum": _reduce("sum"),
