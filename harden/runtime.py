@@ -105,6 +105,43 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return m
 
 
+def _initializer_bytes(name: str, value: np.ndarray) -> bytes:
+    """A ModelProto holding only graph.initializer [value]: appended to a model's bytes, protobuf's
+    merge adds it to that model's initializers."""
+    m = onnx.ModelProto()
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return m.SerializeToString()
+
+
+class VariantSessions:
+    """Ordinary sessions of one model with some of its initializers replaced (a trial's faulty
+    weights): the weights stay constant, so onnxruntime folds and prepacks them as for any model,
+    which a session fed the weights as inputs cannot do (2 to 4x slower convolutions, measured in
+    docs/results.md). The model's bytes without the `names` tensors are serialized once; a
+    variant appends its tensors (protobuf merges a repeated field across concatenated messages),
+    so it costs the serialization of its tensors and a session build."""
+
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str]):
+        names = list(names)
+        self.session = session(model)
+        base = onnx.ModelProto()
+        base.CopyFrom(model)
+        wanted = set(names)
+        keep = [t for t in base.graph.initializer if t.name not in wanted]
+        values = {t.name: onnx.numpy_helper.to_array(t) for t in base.graph.initializer if t.name in wanted}
+        del base.graph.initializer[:]
+        base.graph.initializer.extend(keep)
+        self._base = base.SerializeToString()
+        self._tensors = {n: _initializer_bytes(n, values[n]) for n in names}
+
+    def session_for(self, values: dict[str, np.ndarray] | None) -> ort.InferenceSession:
+        """The session of the model with `values` in place of those initializers."""
+        if not values:
+            return self.session
+        parts = [_initializer_bytes(n, values[n]) if n in values else b for n, b in self._tensors.items()]
+        return session(self._base + b"".join(parts))
+
+
 def prefix_for(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of the model reduced to what computing the named tensors needs, which it outputs.
 

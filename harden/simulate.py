@@ -20,13 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from .data import Dataset, accuracy, top1
 from .faultmap import FaultMap, read_back
 from .memory import MemoryMap
 from .model import get_initializer, qdq_weights
-from .runtime import batch_size_for, run_batched, session
+from .runtime import VariantSessions, batch_size_for, run_batched, session
 
 
 def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -45,14 +44,6 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
 
 
 STRATEGIES = ("rebuild", "feed")
-
-
-def _initializer_bytes(name: str, value: np.ndarray) -> bytes:
-    """A ModelProto holding only graph.initializer [value]: appended to a model's bytes, protobuf's
-    merge adds it to that model's initializers."""
-    m = onnx.ModelProto()
-    m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-    return m.SerializeToString()
 
 
 @dataclass
@@ -80,17 +71,8 @@ class ChipEvaluator:
         self.strategy = strategy
         self._model = model
         self._session_model: onnx.ModelProto | None = None
-        if strategy == "feed":
-            self.session = session(self.session_model)
-        else:
-            self.session = session(model)
-            base = onnx.ModelProto()
-            base.CopyFrom(model)
-            keep = [t for t in base.graph.initializer if t.name not in set(names)]
-            del base.graph.initializer[:]
-            base.graph.initializer.extend(keep)
-            self._base = base.SerializeToString()
-            self._tensor_bytes = {n: _initializer_bytes(n, v) for n, v in self.defaults.items()}
+        self._variants = VariantSessions(model, names) if strategy == "rebuild" else None
+        self.session = self._variants.session if self._variants else session(self.session_model)
         self.data = data
         self.reference = reference
         self.batch = batch_size_for(model, 256)
@@ -113,12 +95,9 @@ class ChipEvaluator:
     def session_for(self, values: dict[str, np.ndarray] | None = None) -> tuple[ort.InferenceSession, dict | None]:
         """The session that runs the model with `values` in place of its weights / biases, and
         the feeds it needs besides the data (the values themselves for the feed strategy)."""
-        if self.strategy == "feed":
+        if self._variants is None:
             return self.session, {**self.defaults, **(values or {})}
-        if not values:
-            return self.session, None
-        parts = [_initializer_bytes(n, values[n]) if n in values else b for n, b in self._tensor_bytes.items()]
-        return session(self._base + b"".join(parts)), None
+        return self._variants.session_for(values), None
 
     @property
     def session_model(self) -> onnx.ModelProto:

@@ -16,9 +16,10 @@ probability RATE: trial t of point p draws, from rng([seed, p, t]) alone, a bino
 all those bits and then that many distinct positions (the method of every weight model). A flip
 XORs the weight's uint32 view, so `describe_trial` lists exactly (tensor, flat index, bit).
 
-The session (`FloatWeightEvaluator`, campaign session kind "fp32"): one onnxruntime session of
-the float model whose weight initializers are graph inputs; a trial copies only the tensors it
-hits and costs one inference pass. A campaign scores the points against this session's own clean
+The session (`FloatWeightEvaluator`, campaign session kind "fp32"): an ordinary onnxruntime
+session of the float model per trial (runtime.VariantSessions: the model's bytes plus the
+tensors the trial hit, so the weights stay constant and prepacked); a trial copies only the
+tensors it hits and costs a session build and one inference pass. A campaign scores the points against this session's own clean
 predictions and reports how they compare with the model's ordinary session (`fp32.clean`).
 
 Exponent flips make huge weights, inf or NaN: setting bit 30 (the exponent's MSB, clear in
@@ -41,7 +42,7 @@ import onnx
 from ..data import Dataset, top1
 from ..errors import InputError
 from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
-from ..runtime import batch_size_for, run_batched, session
+from ..runtime import VariantSessions, batch_size_for, run_batched
 from ..simulate import weights_as_inputs
 from .base import (
     Injection,
@@ -138,8 +139,8 @@ class FP32BitFlip(ParamsFaultModel):
 
 
 class FloatWeightEvaluator(Session):
-    """The float model on one data set, its float32 weights as graph inputs of one session:
-    predictions under any weight values (a trial's faulty copies).
+    """The float model on one data set: predictions under any weight values (a trial's faulty
+    copies), each on an ordinary session of the model with those values (VariantSessions).
 
     Interface of a campaign side session: `space`, `clean`, `clean_logits`, `model`,
     `predictions(injection)`; also `values` (the clean weights), `ops` (tensor -> (op type,
@@ -157,17 +158,24 @@ class FloatWeightEvaluator(Session):
             name = weight_input(node)
             if name in self.values:
                 self.ops.setdefault(name, (node.op_type, node.name))
-        self.model = weights_as_inputs(work, names)
-        self.session = session(self.model)
+        self._work, self._names, self._model = work, names, None
+        self._variants = VariantSessions(work, names)  # trials on prepacked sessions (runtime.py)
+        self.session = self._variants.session
         self.data = data
         self.batch = batch_size_for(work, batch)
         self._output = self.session.get_outputs()[0].name
         self.clean_logits = self.logits(None)
         self.clean = top1(self.clean_logits)
 
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The float model with its weights as graph inputs (for whoever feeds values)."""
+        if self._model is None:
+            self._model = weights_as_inputs(self._work, self._names)
+        return self._model
+
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        feeds = self.values if values is None else {**self.values, **values}
-        (out,) = run_batched(self.session, self.data, self.batch, [self._output], feeds)
+        (out,) = run_batched(self._variants.session_for(values), self.data, self.batch, [self._output])
         return out
 
     def predictions(self, injection: Injection | None = None) -> np.ndarray:
