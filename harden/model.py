@@ -244,14 +244,14 @@ def float_weight_names(model: onnx.ModelProto) -> list[str]:
 def output_channel_axis(op_type: str, attrs: dict, ndim: int) -> int:
     """The axis of a weight op's weight that indexes its output channels (the axis onnxruntime's
     per-channel quantizer uses): Conv 0, ConvTranspose 1, Gemm by transB, MatMul the last; a
-    Gather table's rows (axis 0)."""
-    if op_type in ("Conv", "Gather"):
+    Gather table the last too (its columns are the looked-up vector's features)."""
+    if op_type == "Conv":
         return 0
     if op_type == "ConvTranspose":
         return 1
     if op_type == "Gemm":
         return 0 if attrs.get("transB", 0) else 1
-    return ndim - 1  # MatMul: [.., in, out]
+    return ndim - 1  # MatMul: [.., in, out]; Gather: [rows, features]
 
 
 def float_weight_count(model: onnx.ModelProto) -> int:

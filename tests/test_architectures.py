@@ -208,3 +208,17 @@ def test_saq_fine_tune_on_bert(tmp_path, arch):
     assert len(saq["epochs"]) == 1
     acc = rep["results"]["accuracy"]
     assert acc["hardened_on_chip"] > acc["int8_on_chip"] + 0.2
+
+
+def test_analog_variability_and_tune_on_bert(tmp_path, arch):
+    """The analog session and self-tuning treat an embedding table like any weight: its output
+    channels are the looked-up features (the last axis), so tune measures a gain per feature."""
+    model, calib, test = arch["bert"]
+    int8 = tmp_path / "int8.onnx"
+    r = CliRunner().invoke(main, ["quantize", str(model), "--data", str(calib), "-o", str(int8), "--no-clip"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["simulate", str(int8), "--data", str(test), "--fault", "variability:0.05", "--trials", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["tune", str(int8), "--data", str(calib), "-o", str(tmp_path / "tuned.onnx"), "--sigma-chip", "0.1"])
+    assert r.exit_code == 0, r.output
+    assert "tok.weight_quantized" in r.output and "(32 channels)" in r.output

@@ -42,7 +42,7 @@ from onnx import helper
 
 from ..data import Dataset, top1
 from ..errors import InputError
-from ..model import get_initializer, output_channel_axis, qdq_weights
+from ..model import get_initializer, output_channel_axis, qdq_weights, weight_input
 from ..runtime import batch_size_for, session
 from .base import (
     ParamsFaultModel,
@@ -231,8 +231,9 @@ class Variability(ParamsFaultModel):
 
 
 def _channel_axis_of_output(op_type: str) -> int:
-    """The axis of a weight op's *output* that indexes its output channels."""
-    return -1 if op_type == "MatMul" else 1
+    """The axis of a weight op's *output* that indexes its output channels (a Gather's output
+    ends with the table's features)."""
+    return -1 if op_type in ("MatMul", "Gather") else 1
 
 
 @dataclass(frozen=True)
@@ -271,8 +272,9 @@ def analog_layers(model: onnx.ModelProto) -> list[AnalogLayer]:
     dq_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     consumers: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
-            consumers.setdefault(node.input[1], node)
+        name = weight_input(node)  # input 1 of Conv/Gemm/MatMul, a Gather's table
+        if name is not None:
+            consumers.setdefault(name, node)
     out = []
     for w in qdq_weights(model):
         wi = dq_out[w.name]
