@@ -26,7 +26,7 @@ from .data import Dataset
 from .faults import parse_fault_spec
 from .model import float_weight_count
 from .passes import Pass, PassContext, PassResult
-from .passes.clip import ClipPass
+from .passes.clip import NO_CLIP, ClipPass
 from .passes.quantize import QuantizePass
 from .simulate import ChipEvaluator, Reference
 
@@ -36,8 +36,6 @@ from .simulate import ChipEvaluator, Reference
 RANK_SAMPLES = 256
 PERCENTILES = (100.0, 99.99, 99.9)
 RATES = (1e-4, 1e-3)
-#: The search's verdict "leave the model unclipped" (in place of a percentile).
-NO_CLIP = "none"
 
 
 #: Above this many weights the search runs fewer trials per candidate (each trial is a pass of

@@ -47,7 +47,7 @@ class PassContext:
     #: FAQ's calibration statistics of the int8 model, keyed by (samples, with Hessian): chip
     #: independent, so a fleet computes them once and every chip's FAQ pass reuses them.
     layer_stats: dict[tuple[int, bool], dict] = field(default_factory=dict)
-    clip_percentile: float | str | None = None  # a percentile, "none" (no clipping) or not chosen yet
+    clip_percentile: float | str | None = None  # a percentile, clip.NO_CLIP or not chosen yet
     facts: set[str] = field(default_factory=set)
 
     def say(self, message: str) -> None:

@@ -25,6 +25,9 @@ from ..runtime import capture
 from . import Pass, PassContext, PassResult
 
 STYLES = ("zero", "saturate")
+#: The clip search's verdict "leave the model unclipped", in place of a percentile
+#: (clip_search.py; ctx.clip_percentile).
+NO_CLIP = "none"
 
 
 GUARDED_OUTPUT_OPS = ("Gemm", "MatMul", "Add", "Conv")
@@ -55,7 +58,7 @@ class ClipPass(Pass):
         if self.percentile is None:  # chosen by the clip search earlier in the plan
             if ctx.clip_percentile is None:
                 raise InputError("clip: no threshold percentile given and none chosen by a clip search")
-            if ctx.clip_percentile == "none":  # clip_search.NO_CLIP: clipping would not earn its place
+            if ctx.clip_percentile == NO_CLIP:  # clipping would not earn its place
                 return PassResult(model, False, {"style": self.style, "layers": [], "skipped": "the clip search chose no clipping",
                                                  **_left_alone(model)})
             chosen = ClipPass(self.style, ctx.clip_percentile, self.headroom, self.calib_samples, self.output_guard)
