@@ -106,6 +106,12 @@ def stats_batch(data: Dataset, most: int = 32) -> int:
     return int(max(1, min(most, STATS_BATCH_BYTES // per_sample)))
 
 
+def evenly_spaced(cols: np.ndarray, n: int) -> np.ndarray:
+    """At most `n` of the unfolded rows (axis 1), evenly spaced: a deterministic subsample."""
+    r = cols.shape[1]
+    return cols if r <= n else cols[:, np.linspace(0, r - 1, n).astype(np.int64)]
+
+
 def collect(
     model: onnx.ModelProto,
     weights: list[QWeight],
@@ -136,7 +142,7 @@ def collect(
                 )
             st.sum_x += cols.sum(axis=1)
             if with_hessian:
-                pick = cols if r <= per_batch else cols[:, np.linspace(0, r - 1, per_batch).astype(np.int64)]
+                pick = evenly_spaced(cols, per_batch)
                 st.sum_xx += np.matmul(pick.transpose(0, 2, 1), pick) * (r / pick.shape[1])
             st.rows += r
 
@@ -190,7 +196,7 @@ def collect_paired(
         cols = unfold(w, acts[w.activation].astype(np.float64))
         g, r, d = cols.shape
         per_batch = max(1, min(max_rows, max(64, max_kept // max(g * d, 1))) // n_batches)
-        return cols, (cols if r <= per_batch else cols[:, np.linspace(0, r - 1, per_batch).astype(np.int64)]), r
+        return cols, evenly_spaced(cols, per_batch), r
 
     def on_reference(acts: dict[str, np.ndarray]) -> None:
         for w in layers:
