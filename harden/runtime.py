@@ -105,7 +105,7 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return m
 
 
-def _initializer_bytes(name: str, value: np.ndarray) -> bytes:
+def initializer_bytes(name: str, value: np.ndarray) -> bytes:
     """A ModelProto holding only graph.initializer [value]: appended to a model's bytes, protobuf's
     merge adds it to that model's initializers."""
     m = onnx.ModelProto()
@@ -132,13 +132,13 @@ class VariantSessions:
         del base.graph.initializer[:]
         base.graph.initializer.extend(keep)
         self._base = base.SerializeToString()
-        self._tensors = {n: _initializer_bytes(n, values[n]) for n in names}
+        self._tensors = {n: initializer_bytes(n, values[n]) for n in names}
 
     def session_for(self, values: dict[str, np.ndarray] | None) -> ort.InferenceSession:
         """The session of the model with `values` in place of those initializers."""
         if not values:
             return self.session
-        parts = [_initializer_bytes(n, values[n]) if n in values else b for n, b in self._tensors.items()]
+        parts = [initializer_bytes(n, values[n]) if n in values else b for n, b in self._tensors.items()]
         return session(self._base + b"".join(parts))
 
 

@@ -1,8 +1,12 @@
 """Evaluate int8 QDQ models as a chip would read them, on onnxruntime.
 
-Two ways to run a read-back variant (`ChipEvaluator(strategy=...)`):
+Three ways to run read-back variants (`ChipEvaluator(strategy=...)`):
 
-- "rebuild" (default): an ordinary session per variant, its weights constant, so onnxruntime
+- "stack" (default): K variants side by side in one ordinary session (stacking.py: the weight
+  layers widened K times, grouped convolutions), so K trials share one session build; a graph
+  that cannot be widened (transformers) or a model too large for K copies of its weights runs
+  each variant as "rebuild" does. `logits_many` takes the variants; `logits` runs one.
+- "rebuild": an ordinary session per variant, its weights constant, so onnxruntime
   folds each DequantizeLinear and prepacks the weights (NCHWc convolutions). The model's bytes
   without the weight tensors are serialized once and each variant appends its tensors:
   protobuf merges a repeated field across concatenated messages, so a variant costs the
@@ -25,7 +29,8 @@ from .data import Dataset, accuracy, top1
 from .faultmap import FaultMap, read_back
 from .memory import MemoryMap
 from .model import get_initializer, qdq_weights
-from .runtime import VariantSessions, batch_size_for, run_batched, session
+from .runtime import VariantSessions, batch_size_for, fixed_batch, run_batched, session
+from .stacking import StackedSessions, stacked_sessions
 
 
 def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -43,7 +48,7 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     return m
 
 
-STRATEGIES = ("rebuild", "feed")
+STRATEGIES = ("stack", "rebuild", "feed")
 
 
 @dataclass
@@ -60,7 +65,7 @@ class ChipEvaluator:
     Built once per model structure; `evaluate(weights, biases)` costs one inference pass.
     """
 
-    def __init__(self, model: onnx.ModelProto, data: Dataset, reference: Reference, *, strategy: str = "rebuild"):
+    def __init__(self, model: onnx.ModelProto, data: Dataset, reference: Reference, *, strategy: str = "stack"):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.table = qdq_weights(model)
@@ -71,7 +76,8 @@ class ChipEvaluator:
         self.strategy = strategy
         self._model = model
         self._session_model: onnx.ModelProto | None = None
-        self._variants = VariantSessions(model, names) if strategy == "rebuild" else None
+        self._variants = VariantSessions(model, names) if strategy != "feed" else None
+        self._stacked: StackedSessions | None | bool = False if strategy == "stack" else None  # False: not built yet
         self.session = self._variants.session if self._variants else session(self.session_model)
         self.data = data
         self.reference = reference
@@ -91,6 +97,27 @@ class ChipEvaluator:
             logits.setflags(write=False)
             self._clean = logits
         return logits
+
+    @property
+    def stacked(self) -> StackedSessions | None:
+        """The stacked sessions of the "stack" strategy (built on first use), None when the
+        strategy is another or the graph runs one variant per session."""
+        if self._stacked is False:
+            self._stacked = stacked_sessions(self._model, self.weight_names + self.bias_names)
+        return self._stacked  # type: ignore[return-value]
+
+    @property
+    def stack(self) -> int:
+        """How many variants one session runs (1 unless stacked): callers that share trials
+        out keep groups aligned to it, so that a trial always runs in the same group."""
+        return self.stacked.k if self.stacked is not None else 1
+
+    def logits_many(self, variants: list[dict[str, np.ndarray] | None]) -> list[np.ndarray]:
+        """`logits(v)` for each variant, `stack` variants per session (groups of `stack` from
+        the first)."""
+        if self.stacked is None or len(variants) < 2:
+            return [self.logits(v) for v in variants]
+        return self.stacked.logits(variants, self.data, fixed_batch(self._model))
 
     def session_for(self, values: dict[str, np.ndarray] | None = None) -> tuple[ort.InferenceSession, dict | None]:
         """The session that runs the model with `values` in place of its weights / biases, and

@@ -171,15 +171,51 @@ class Campaign(RecordsMixin):
         return self.injection(point, trial).apply(self.values)
 
     def run_trial(self, point: int, trial: int) -> TrialResult:
-        inj = self.injection(point, trial)
+        return self.run_trials(point, trial, trial + 1)[0]
+
+    def stack_of(self, point: int) -> int:
+        """How many trials of `point` one inference pass runs (the session's `stack`)."""
+        return max(1, int(self.session(self.points[point].space_kind)[0].stack))
+
+    def run_trials(self, point: int, start: int, stop: int) -> list[TrialResult]:
+        """Trials [start, stop) of `point`, in order. A session that runs k trials per pass
+        (stacking.py) gets them in groups aligned to k from trial 0, trial t at position t % k
+        (slots outside [start, stop) run clean), so a trial's figures never depend on which
+        other trials a caller asked for."""
         ses, base = self.session(self.points[point].space_kind)
-        # nothing hit: the clean predictions (the session is deterministic)
-        pred = ses.predictions(inj) if inj.tensors else base.clean_pred
+        k = self.stack_of(point)
+        rows: list[TrialResult] = []
+        a = start - start % k
+        while a < stop:
+            trials = range(max(a, start), min(a + k, stop))
+            injections = [self.injection(point, t) for t in trials]
+            if k == 1:
+                preds = [ses.predictions(i) if i.tensors else base.clean_pred for i in injections]
+            else:
+                slots: list[Injection | None] = [None] * (trials.start - a) + injections
+                preds = ses.predictions_many(slots)[trials.start - a:]
+            rows += [self._trial_result(point, t, i, p, base) for t, i, p in zip(trials, injections, preds)]
+            a += k
+        return rows
+
+    @staticmethod
+    def _trial_result(point: int, trial: int, inj: Injection, pred: np.ndarray, base: Baseline) -> TrialResult:
+        if not inj.tensors:  # nothing hit: the clean predictions (the session is deterministic)
+            pred = base.clean_pred
         # A NaN logit row is predicted as NAN_CLASS (-1, data.top1): wrong, and an SDC-1 event
         # when the fault-free prediction was right; both figures need nothing more.
         acc = float(np.mean(pred == base.target))
         events = int(np.count_nonzero(pred[base.correct] != base.clean_pred[base.correct]))
         return TrialResult(point, trial, acc, events, inj.cells, int(np.count_nonzero(pred == NAN_CLASS)))
+
+    def _rows(self, point: int, start: int, stop: int) -> Iterable[TrialResult]:
+        """Trials [start, stop) in order, one pass (one group of `stack_of` trials) at a time."""
+        k = self.stack_of(point)
+        t = start
+        while t < stop:
+            end = min(stop, (t // k + 1) * k)
+            yield from self.run_trials(point, t, end)
+            t = end
 
     # --- the campaign --------------------------------------------------------------------
 
@@ -205,7 +241,7 @@ class Campaign(RecordsMixin):
         floor = min(options.min_trials, planned)
         while n < planned and not stopped:
             if executor is None:
-                rows: Iterable[TrialResult] = (self.run_trial(point, t) for t in range(n, planned))
+                rows: Iterable[TrialResult] = self._rows(point, n, planned)
             else:
                 rows = executor.run(self, point, n, executor.round_end(n, planned, options))
             for r in rows:

@@ -34,9 +34,7 @@ class DaskTrials(TrialExecutor):
                                   key=f"harden-trials-{self.run_id}-{point}-{a}-{b}-{attempt}")
 
     def run(self, campaign: "Campaign", point: int, start: int, stop: int) -> list[TrialResult]:
-        blocks = max(1, min(stop - start, 2 * self.parallelism))
-        edges = np.linspace(start, stop, blocks + 1).round().astype(int)
-        spans = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        spans = aligned_spans(start, stop, 2 * self.parallelism, campaign.stack_of(point))
         futs = [self._submit(point, a, b, 0) for a, b in spans]
         rows: list[TrialResult] = []
         for (a, b), fut in zip(spans, futs):
@@ -51,9 +49,19 @@ class DaskTrials(TrialExecutor):
         return rows
 
 
+def aligned_spans(start: int, stop: int, blocks: int, stack: int) -> list[tuple[int, int]]:
+    """[start, stop) in at most `blocks` spans of about equal size whose inner edges are
+    multiples of `stack` (a stacked pass's group is never split between two workers)."""
+    groups = -(-stop // stack) - start // stack
+    blocks = max(1, min(blocks, groups))
+    edges = (np.linspace(start // stack, start // stack + groups, blocks + 1).round().astype(int) * stack).tolist()
+    edges[0], edges[-1] = start, stop
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 def _trial_block(recipe: CampaignRecipe, token: str, point: int, start: int, stop: int) -> list[TrialResult]:
     """A Dask task: trials [start, stop) of `point` on this worker's copy of the campaign."""
     campaign = worker_cached(token, recipe.build)
-    return [campaign.run_trial(point, t) for t in range(start, stop)]
+    return campaign.run_trials(point, start, stop)
 
 

@@ -51,6 +51,17 @@ class WeightSession(Session):
             return self.clean
         return self.evaluator.predictions(injection.apply(self.values))
 
+    @property
+    def stack(self) -> int:  # type: ignore[override]
+        return self.evaluator.stack
+
+    def predictions_many(self, injections: list[Injection | None]) -> list[np.ndarray]:
+        """Each injection's top-1, `stack` trials per session (an injection that hits nothing
+        keeps its slot, run clean, and gets the clean predictions)."""
+        variants = [i.apply(self.values) if i is not None and i.tensors else None for i in injections]
+        logits = self.evaluator.logits_many(variants)
+        return [top1(lg) if v is not None else self.clean for v, lg in zip(variants, logits)]
+
 
 #: Side sessions by a fault model's `space_kind`: factory(model, data) -> a faults.Session.
 #: "weights" (WeightSession) is built by the campaign itself around its ChipEvaluator.

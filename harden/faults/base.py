@@ -288,7 +288,8 @@ class Session:
 
     A session holds one rewrite of the model on one data set: `space` (what a fault model's
     `sample` draws over), `model` (the graph it runs), `clean_logits` / `clean` (its fault-free
-    outputs and top-1), and `predictions(injection)` (one inference pass under a trial's faults).
+    outputs and top-1), and `predictions(injection)` (one inference pass under a trial's faults; `predictions_many`
+    and `stack` for a session that runs several trials per pass).
     `values`: the clean tensors an injection applies to, when they are weights (None for
     activations). Optional, with defaults: `ops` (tensor -> (op type, node name)),
     `compare_fused(logits)` and `session_info()` for the report. The int8 weight session
@@ -304,6 +305,15 @@ class Session:
 
     def predictions(self, injection: "Injection | None" = None) -> np.ndarray:
         raise NotImplementedError
+
+    #: How many trials one inference pass runs (stacking.py); trial t runs at position
+    #: t % stack of its group, whoever runs it.
+    stack: int = 1
+
+    def predictions_many(self, injections: "list[Injection | None]") -> list[np.ndarray]:
+        """`predictions(i)` for each injection (a session that runs several trials per pass
+        overrides this)."""
+        return [self.predictions(i) for i in injections]
 
     def compare_fused(self, fused_logits: np.ndarray) -> dict:
         """How this session's clean outputs compare with the weight session's (default: nothing more)."""

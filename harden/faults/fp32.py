@@ -16,10 +16,10 @@ probability RATE: trial t of point p draws, from rng([seed, p, t]) alone, a bino
 all those bits and then that many distinct positions (the method of every weight model). A flip
 XORs the weight's uint32 view, so `describe_trial` lists exactly (tensor, flat index, bit).
 
-The session (`FloatWeightEvaluator`, campaign session kind "fp32"): an ordinary onnxruntime
-session of the float model per trial (runtime.VariantSessions: the model's bytes plus the
-tensors the trial hit, so the weights stay constant and prepacked); a trial copies only the
-tensors it hits and costs a session build and one inference pass. A campaign scores the points against this session's own clean
+The session (`FloatWeightEvaluator`, campaign session kind "fp32"): ordinary onnxruntime
+sessions of the float model, its weights constant and prepacked: K trials side by side in one
+session where the graph allows (stacking.py), else one per trial (runtime.VariantSessions: the
+model's bytes plus the tensors the trial hit). A campaign scores the points against this session's own clean
 predictions and reports how they compare with the model's ordinary session (`fp32.clean`).
 
 Exponent flips make huge weights, inf or NaN: setting bit 30 (the exponent's MSB, clear in
@@ -42,8 +42,9 @@ import onnx
 from ..data import Dataset, top1
 from ..errors import InputError
 from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
-from ..runtime import VariantSessions, batch_size_for, run_batched
+from ..runtime import VariantSessions, batch_size_for, fixed_batch, run_batched
 from ..simulate import weights_as_inputs
+from ..stacking import StackedSessions, stacked_sessions
 from .base import (
     Injection,
     ParamsFaultModel,
@@ -160,6 +161,7 @@ class FloatWeightEvaluator(Session):
                 self.ops.setdefault(name, (node.op_type, node.name))
         self._work, self._names, self._model = work, names, None
         self._variants = VariantSessions(work, names)  # trials on prepacked sessions (runtime.py)
+        self._stacked: StackedSessions | None | bool = False  # several trials per session (built on first use)
         self.session = self._variants.session
         self.data = data
         self.batch = batch_size_for(work, batch)
@@ -183,6 +185,25 @@ class FloatWeightEvaluator(Session):
         if injection is None or not injection.tensors:
             return self.clean
         return top1(self.logits(injection.apply(self.values)))
+
+    @property
+    def stacked(self) -> StackedSessions | None:
+        if self._stacked is False:
+            self._stacked = stacked_sessions(self._work, self._names)
+        return self._stacked  # type: ignore[return-value]
+
+    @property
+    def stack(self) -> int:  # type: ignore[override]
+        return self.stacked.k if self.stacked is not None else 1
+
+    def predictions_many(self, injections: list[Injection | None]) -> list[np.ndarray]:
+        """Each injection's top-1, `stack` trials per session (stacking.py; a NaN or inf in one
+        trial's weights stays in that trial's channels)."""
+        if self.stacked is None:
+            return [self.predictions(i) for i in injections]
+        variants = [i.apply(self.values) if i is not None and i.tensors else None for i in injections]
+        logits = self.stacked.logits(variants, self.data, fixed_batch(self._work))
+        return [top1(lg) if v is not None else self.clean for v, lg in zip(variants, logits)]
 
     def session_info(self) -> dict:
         """What the report records of this session."""

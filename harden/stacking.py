@@ -1,0 +1,366 @@
+"""K trials in one onnxruntime session: the model's weight layers widened K times.
+
+A campaign trial changes only weight values. Building an ordinary (prepacked) session per
+trial costs a session build, about 2 ms on the samples CNN against a 4 ms inference pass, so
+a trial cost 1.7 to 2.4 clean passes (bench/bench_campaign.py). This module builds one graph
+that runs K read-back variants side by side on the same input batch, so that K trials share
+one session build:
+
+- the first layer that reads a variant weight takes the K variants' weights concatenated along
+  its output channels, so its output holds the K trials' channels one block after another
+  ("stacked": trial k owns channels [k*C, (k+1)*C) of axis 1);
+- a convolution on a stacked input becomes a grouped convolution (`group` times K), each
+  group reading its own trial's channels with its own trial's weights;
+- a Gemm on a stacked input is split into K Gemms (one per trial, the original shapes), whose
+  outputs are concatenated;
+- element-wise ops, pooling, Flatten(axis=1), and the per-tensor QuantizeLinear /
+  DequantizeLinear of activations act on each channel alone and pass a stacked tensor on.
+
+Every trial computes exactly the products and sums of its own single-trial graph, with the
+same per-tensor activation scales (a fault changes weights, never quantization parameters);
+no trial's value enters another trial's channels (a NaN or inf in one trial stays in it).
+onnxruntime may pick another kernel for a grouped convolution than for the single one, so a
+trial's figures equal the single-session figures to float32 rounding (the arithmetic tolerance,
+arithmetic.TOLERANCE); they are identical on the models measured in tests/test_stacking.py.
+Trial t is always run at position t % K of group t // K (campaign/engine.py), so figures do
+not depend on how many workers run the groups.
+
+A graph with any other op on a stacked tensor (Reshape, Transpose, MatMul between activations,
+Concat, LayerNormalization: transformers) is not stacked (`Unstackable`): its trials keep one
+session each (runtime.VariantSessions). Written here rather than taken from a library: neither
+onnxruntime nor onnx offers a batched-weights rewrite of a graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from .data import Dataset
+from .runtime import initializer_bytes, run_batched, session
+
+#: Ops that act on each channel alone (element-wise with scalar constants, pooling): a stacked
+#: input gives a stacked output.
+CHANNELWISE_OPS = frozenset({
+    "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Identity",
+    "Softplus", "Softsign", "Elu", "Selu", "Celu", "Erf", "Gelu", "Mish", "Neg", "Abs", "Sqrt", "Exp",
+    "Log", "Floor", "Ceil", "Round", "Reciprocal",
+    "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+    "QuantizeLinear", "DequantizeLinear", "Dropout",
+})
+
+#: Trial-samples per inference batch of a stacked session (K trials x batch rows): measured
+#: on the samples CNN and the zoo's MobileNetV2 (K = 16: 64-row batches ran 1.3 to 1.5x faster
+#: per trial than 256-row ones, whose activations leave the cache).
+STACK_ROWS = 1024
+#: The most variants one session holds, and the most float32 weight bytes all of them may take:
+#: K = min(MAX_STACK, STACK_BYTES // the model's weight bytes); ResNet-50 (100 MB) gets K = 1.
+MAX_STACK = 16
+STACK_BYTES = 48 << 20
+
+_SHARED, _STACKED, _CONST = "shared", "stacked", "const"
+
+
+class Unstackable(Exception):
+    """The graph cannot run K trials side by side (the message says which node and why)."""
+
+
+def stack_size(weight_bytes: int) -> int:
+    """How many trials one stacked session holds for a model with that many weight bytes."""
+    return int(max(1, min(MAX_STACK, STACK_BYTES // max(1, weight_bytes))))
+
+
+class StackedSessions:
+    """Sessions that each run up to `k` variants of one model (values of its `names`
+    initializers) side by side; `logits(variants, run)` gives each variant's first output.
+
+    Build with `StackedSessions(model, names, k)`; raises Unstackable when the graph cannot be
+    widened (see the module doc)."""
+
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str], k: int):
+        if k < 2:
+            raise Unstackable("one trial per session")
+        self.k = int(k)
+        self.names = list(names)
+        inits = {t.name: t for t in model.graph.initializer}
+        missing = [n for n in self.names if n not in inits]
+        if missing:
+            raise Unstackable(f"{missing[0]} is not an initializer")
+        self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
+        graph, self._concat, self._per_trial = _widen(model, set(self.names), self.k)
+        self._base = graph.SerializeToString()
+        # a variant that leaves a per-trial tensor clean reuses its serialized bytes
+        self._clean_parts = {(n, t): initializer_bytes(f"{n}__t{t}", self.clean[n])
+                             for n in self._per_trial for t in range(self.k)}
+
+    def session_for(self, variants: Sequence[dict[str, np.ndarray] | None]) -> ort.InferenceSession:
+        """One session holding `variants` (at most k; the rest of the k slots hold the clean
+        values). A variant dict may hold only the tensors it changed."""
+        if not 0 < len(variants) <= self.k:
+            raise ValueError(f"1 to {self.k} variants per stacked session, got {len(variants)}")
+        slots = [v or {} for v in variants] + [{}] * (self.k - len(variants))
+        parts = [self._base]
+        for n in self._concat:
+            parts.append(initializer_bytes(f"{n}__stk", np.concatenate([s.get(n, self.clean[n]) for s in slots])))
+        for n in self._per_trial:
+            for t, s in enumerate(slots):
+                parts.append(initializer_bytes(f"{n}__t{t}", s[n]) if n in s else self._clean_parts[n, t])
+        return session(b"".join(parts))
+
+    def batch_size(self, fixed: int | None) -> int:
+        """Rows per batch: the model's fixed batch, else STACK_ROWS trial-samples per run."""
+        return fixed or max(1, STACK_ROWS // self.k)
+
+    @staticmethod
+    def split(stacked: np.ndarray, count: int) -> list[np.ndarray]:
+        """The first `count` trials' outputs from a stacked session's output [N, K, ...]."""
+        return [np.ascontiguousarray(stacked[:, t]) for t in range(count)]
+
+    def logits(self, variants: Sequence[dict[str, np.ndarray] | None], data: Dataset, fixed: int | None) -> list[np.ndarray]:
+        """Each variant's first output on `data`, k variants per session (groups of k from the
+        first: a caller that needs figures independent of how trials are shared out passes
+        groups aligned to k)."""
+        out: list[np.ndarray] = []
+        for a in range(0, len(variants), self.k):
+            chunk = variants[a:a + self.k]
+            sess = self.session_for(chunk)
+            (stacked,) = run_batched(sess, data, self.batch_size(fixed), [sess.get_outputs()[0].name])
+            out += self.split(stacked, len(chunk))
+        return out
+
+
+def stacked_sessions(model: onnx.ModelProto, names: Sequence[str]) -> StackedSessions | None:
+    """StackedSessions for the model's `names` variables with k from `stack_size`, or None when
+    k is 1 or the graph cannot be widened (its trials then take one session each)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    k = stack_size(4 * sum(_size(inits[n]) for n in names if n in inits))
+    if k < 2:
+        return None
+    try:
+        return StackedSessions(model, names, k)
+    except Unstackable:
+        return None
+
+
+def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """The k-wide graph without the variable tensors, the variables it takes concatenated
+    along axis 0 (as `<name>__stk`), and those it takes once per trial (`<name>__t<t>`)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        raise Unstackable("control flow")
+    if not g.output:
+        raise Unstackable("no output")
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    producer = {o: node for node in g.node for o in node.output}
+    state: dict[str, str] = {i.name: _SHARED for i in g.input if i.name not in inits}
+    for name in inits:
+        state[name] = _CONST
+    weight_dq: dict[str, str] = {}  # output of a DequantizeLinear of a variable -> that variable
+    for node in g.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in variables:
+            weight_dq[node.output[0]] = node.input[0]
+    concat: list[str] = []
+    per_trial: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    taken: set[str] = set()
+
+    def variable_of(tensor: str) -> str | None:
+        """The variable a weight input carries (directly or through its DequantizeLinear)."""
+        v = weight_dq.get(tensor, tensor if tensor in variables else None)
+        if v is None:
+            return None
+        if v in taken or len(consumers.get(v, [])) != 1 or (tensor != v and len(consumers.get(tensor, [])) != 1):
+            raise Unstackable(f"{v} is read by more than one node")
+        taken.add(v)
+        return v
+
+    def tiled(name: str) -> str:
+        """A per-channel quantization parameter repeated k times (a scalar stays itself)."""
+        arr = numpy_helper.to_array(inits[name])
+        if arr.ndim == 0 or arr.size == 1:
+            return name
+        new = f"{name}__tile{len(new_inits)}"
+        new_inits.append(numpy_helper.from_array(np.concatenate([arr] * k), new))
+        return new
+
+    def widen_axis0(node: onnx.NodeProto, j: int) -> None:
+        """Make a Conv's weight (j = 1) or bias (j = 2) input hold k values along axis 0: the k
+        variants of a variable, or k copies of a constant (a float model's bias)."""
+        tensor = node.input[j]
+        v = variable_of(tensor)
+        if v is None:
+            if tensor not in inits:
+                raise Unstackable(f"{node.name}: input {tensor} is neither a variable nor a constant")
+            arr = numpy_helper.to_array(inits[tensor])
+            node.input[j] = f"{tensor}__rep{len(new_inits)}"
+            new_inits.append(numpy_helper.from_array(np.concatenate([arr] * k), node.input[j]))
+            return
+        concat.append(v)
+        if tensor == v:
+            node.input[j] = f"{v}__stk"
+            return
+        dq = producer[tensor]
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
+        if scale is None or (scale.size > 1 and axis != 0):
+            raise Unstackable(f"{dq.name}: per-channel parameters not along axis 0")
+        dq.input[0] = f"{v}__stk"
+        for i in range(1, len(dq.input)):
+            if dq.input[i]:
+                dq.input[i] = tiled(dq.input[i])
+
+    for node in g.node:
+        op = node.op_type
+        if node.output and node.output[0] in weight_dq:
+            new_nodes.append(node)  # rewired when its consumer is widened
+            continue
+        kinds = [state.get(i, _CONST) if i else _CONST for i in node.input]
+        if _STACKED not in kinds and not any(i in variables or i in weight_dq for i in node.input):
+            for o in node.output:
+                state[o] = _SHARED if _SHARED in kinds else _CONST
+            new_nodes.append(node)
+            continue
+        x = kinds[0] if kinds else _CONST
+        if op == "Conv":
+            group = next((a for a in node.attribute if a.name == "group"), None)
+            if x == _STACKED:
+                if group is None:
+                    node.attribute.append(helper.make_attribute("group", k))
+                else:
+                    group.i *= k
+            elif x != _SHARED or (group is not None and group.i != 1):
+                raise Unstackable(f"{node.name}: grouped convolution on an input the trials share")
+            widen_axis0(node, 1)
+            if len(node.input) > 2 and node.input[2]:
+                widen_axis0(node, 2)
+            new_nodes.append(node)
+            state[node.output[0]] = _STACKED
+        elif op == "Gemm":
+            new_nodes += _split_gemm(node, x, k, variable_of, per_trial, producer, new_inits)
+            state[node.output[0]] = _STACKED
+        elif op in CHANNELWISE_OPS:
+            for i, kind in zip(node.input[1:], kinds[1:]):
+                if kind == _STACKED:
+                    continue
+                if kind == _SHARED or i not in inits or _size(inits[i]) != 1:
+                    raise Unstackable(f"{node.name} ({op}): a stacked input beside a non-scalar {i}")
+            if x != _STACKED:
+                raise Unstackable(f"{node.name} ({op}): a stacked tensor beside a shared first input")
+            if op == "PRelu" and _size(inits.get(node.input[1], onnx.TensorProto())) != 1:
+                raise Unstackable(f"{node.name}: per-channel PRelu")
+            new_nodes.append(node)
+            for o in node.output:
+                state[o] = _STACKED
+        elif op == "Flatten" and next((a.i for a in node.attribute if a.name == "axis"), 1) == 1 and x == _STACKED:
+            new_nodes.append(node)
+            state[node.output[0]] = _STACKED
+        else:
+            raise Unstackable(f"{node.name} ({op}) on a tensor that differs between trials")
+    missing = sorted(variables - taken)
+    if missing:
+        raise Unstackable(f"{missing[0]} is not read by a Conv or Gemm")
+    out = g.output[0]
+    if state.get(out.name) != _STACKED:
+        raise Unstackable("the first output does not depend on the weights")
+    flat = f"{out.name}__flat"
+    for node in new_nodes:
+        for j, o in enumerate(node.output):
+            if o == out.name:
+                node.output[j] = flat
+    new_inits.append(numpy_helper.from_array(np.array([0, k, -1], np.int64), "__stack_shape"))
+    new_nodes.append(helper.make_node("Reshape", [flat, "__stack_shape"], [out.name], name="__stack_reshape"))
+    out_vi = onnx.ValueInfoProto()
+    out_vi.name = out.name
+    out_vi.type.tensor_type.elem_type = out.type.tensor_type.elem_type
+    g.ClearField("output")
+    g.output.append(out_vi)
+    g.ClearField("value_info")  # the shapes of widened tensors changed
+    g.ClearField("node")
+    g.node.extend(_needed(new_nodes, out.name))
+    used = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in used and t.name not in variables]
+    g.ClearField("initializer")
+    g.initializer.extend(kept + [t for t in new_inits if t.name in used])
+    g.ClearField("input")
+    g.input.extend(i for i in model.graph.input if i.name not in inits)
+    return m, concat, per_trial
+
+
+def _size(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if t.dims else 1
+
+
+def _split_gemm(node, x, k, variable_of, per_trial, producer, new_inits) -> list[onnx.NodeProto]:
+    """A Gemm on a stacked input (or a shared one, with variable weights): K Gemms of the
+    original shapes, one per trial, each on its trial's columns, concatenated."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0):
+        raise Unstackable(f"{node.name}: Gemm with transA")
+    name = node.name or node.output[0]
+    out: list[onnx.NodeProto] = []
+    if x == _STACKED:
+        # [N, K*F] -> [N, K, F]; trial t's rows are Gather(axis=1, t)
+        shape = f"{name}__stack_rows"
+        new_inits.append(numpy_helper.from_array(np.array([0, k, -1], np.int64), shape))
+        out.append(helper.make_node("Reshape", [node.input[0], shape], [f"{name}__rows3"], name=f"{name}__rows3"))
+    elif x != _SHARED:
+        raise Unstackable(f"{node.name}: Gemm input")
+    inputs = []
+    for j in (1, 2):
+        t = node.input[j] if len(node.input) > j else ""
+        v = variable_of(t) if t else None
+        inputs.append((t, v))
+    for v in (v for _, v in inputs if v):
+        per_trial.append(v)
+    outs = []
+    for t in range(k):
+        if x == _STACKED:
+            idx = f"{name}__trial{t}"
+            new_inits.append(numpy_helper.from_array(np.array(t, np.int64), idx))
+            xt = f"{name}__x{t}"
+            out.append(helper.make_node("Gather", [f"{name}__rows3", idx], [xt], axis=1, name=xt))
+        else:
+            xt = node.input[0]
+        ins = [xt]
+        for tensor, v in inputs:
+            if not tensor or v is None:
+                ins.append(tensor)
+                continue
+            if tensor == v:
+                ins.append(f"{v}__t{t}")
+                continue
+            dq = producer[tensor]
+            wt = f"{tensor}__t{t}"
+            out.append(helper.make_node("DequantizeLinear", [f"{v}__t{t}", *dq.input[1:]], [wt], name=wt,
+                                        **{a.name: helper.get_attribute_value(a) for a in dq.attribute}))
+            ins.append(wt)
+        yt = f"{node.output[0]}__t{t}"
+        outs.append(yt)
+        out.append(helper.make_node("Gemm", ins, [yt], name=f"{name}__t{t}", **attrs))
+    out.append(helper.make_node("Concat", outs, [node.output[0]], axis=1, name=f"{name}__concat"))
+    return out
+
+
+def _needed(nodes: list[onnx.NodeProto], output: str) -> list[onnx.NodeProto]:
+    """The nodes `output` depends on, in their order (a widened graph computes nothing more)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    keep: set[int] = set()
+    stack = [output]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(t for t in nodes[i].input if t)
+    return [n for i, n in enumerate(nodes) if i in keep]

@@ -1,0 +1,120 @@
+"""K trials in one session (harden/stacking.py): the same figures as one session per trial,
+whatever the grouping, and a graph that cannot be widened falls back to one session per trial."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from harden.campaign import Campaign, CampaignOptions
+from harden.campaign.executors import aligned_spans
+from harden.data import load_npz, top1
+from harden.faults import parse_fault_spec
+from harden.faults.fp32 import FloatWeightEvaluator
+from harden.model import get_initializer, qdq_weights
+from harden.runtime import VariantSessions, run_batched
+from harden.simulate import ChipEvaluator, Reference
+from harden.stacking import StackedSessions, Unstackable, stacked_sessions
+
+
+def _variants(values: dict[str, np.ndarray], count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """`count` read-back variants: some int8 weight tensors with 2 % of their codes replaced."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        v = {}
+        for name, x in values.items():
+            if x.dtype != np.int8 or rng.random() < 0.3:
+                continue
+            y = x.copy()
+            hit = rng.random(y.shape) < 0.02
+            y[hit] = rng.integers(-128, 128, int(hit.sum())).astype(np.int8)
+            v[name] = y
+        out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("which", ["int8_plain", "int8_residual"])
+def test_stacked_trials_compute_what_one_session_per_trial_computes(which, request, digits_test_npz):
+    model = onnx.load(str(request.getfixturevalue(which)))
+    data = load_npz(digits_test_npz, model)
+    table = qdq_weights(model)
+    names = [w.name for w in table] + [w.bias for w in table if w.bias]
+    values = {n: get_initializer(model, n) for n in names}
+    variants = _variants(values, 6, seed=1)
+    stacked = StackedSessions(model, names, 4)
+    got = stacked.logits(variants, data, None)  # 6 variants: a full group of 4, then 2 + 2 clean slots
+    single = VariantSessions(model, names)
+    for v, lg in zip(variants, got):
+        sess = single.session_for(v)
+        (ref,) = run_batched(sess, data, 256, [sess.get_outputs()[0].name])
+        assert lg.shape == ref.shape
+        # the same products and sums; the arithmetic tolerance allows one sample to part
+        assert np.mean(np.abs(lg - ref) > 1e-6) <= 0.01 and (top1(lg) != top1(ref)).sum() <= 1
+    assert len({top1(lg).tobytes() for lg in got}) > 1  # the variants differ: the test can fail
+
+
+def test_a_graph_that_cannot_be_widened_runs_one_session_per_trial(mlp_matmul, tabular_calib_npz, tmp_path):
+    """MatMul weights (the transformer case) are not stacked: the evaluator says stack 1 and a
+    campaign still runs."""
+    from conftest import quantize_zoo_model
+
+    q = onnx.load(str(quantize_zoo_model(mlp_matmul, tabular_calib_npz, tmp_path / "q.onnx")))
+    table = qdq_weights(q)
+    names = [w.name for w in table] + [w.bias for w in table if w.bias]
+    assert any(w.op_type == "MatMul" for w in table)
+    with pytest.raises(Unstackable, match="MatMul"):
+        StackedSessions(q, names, 4)
+    assert stacked_sessions(q, names) is None
+    data = load_npz(tabular_calib_npz, q)
+    ev = ChipEvaluator(q, data, Reference(data.labels, "labels"))
+    assert ev.stack == 1
+    c = Campaign(q, data, parse_fault_spec("bitflip:1e-3"), evaluator=ev)
+    res = c.run_point(0, CampaignOptions(trials=3))
+    assert res.accuracy.size == 3
+
+
+def test_campaign_figures_do_not_depend_on_how_trials_are_grouped(int8_residual, digits_test_npz):
+    """Trial t always runs at position t % K of its group: a whole point, trials asked for in
+    odd blocks (as Dask workers do) and single trials give the same figures, and they agree
+    with one session per trial to the arithmetic tolerance."""
+    model = onnx.load(str(int8_residual))
+    data = load_npz(digits_test_npz, model)
+    points = parse_fault_spec("bitflip:1e-2")
+    c = Campaign(model, data, points, seed=5)
+    k = c.stack_of(0)
+    assert k > 1
+    whole = c.run_point(0, CampaignOptions(trials=2 * k + 3, seed=5)).accuracy
+    blocks = [r.accuracy for a, b in ((0, 5), (5, k + 2), (k + 2, 2 * k + 3)) for r in c.run_trials(0, a, b)]
+    assert np.array_equal(whole, blocks)
+    assert c.run_trial(0, k + 1).accuracy == whole[k + 1]
+    rebuilt = Campaign(model, data, points, seed=5,
+                       evaluator=ChipEvaluator(model, data, Reference(data.labels, "labels"), strategy="rebuild"))
+    assert rebuilt.stack_of(0) == 1
+    ref = rebuilt.run_point(0, CampaignOptions(trials=2 * k + 3, seed=5)).accuracy
+    assert np.max(np.abs(ref - whole)) <= 1 / len(data) + 1e-12
+    assert np.std(whole) > 0  # the trials differ
+
+
+def test_aligned_spans_never_split_a_group():
+    for start, stop, blocks, k in [(0, 100, 4, 16), (10, 45, 4, 16), (3, 5, 4, 1), (0, 7, 8, 16), (17, 18, 3, 16)]:
+        spans = aligned_spans(start, stop, blocks, k)
+        assert spans[0][0] == start and spans[-1][1] == stop and len(spans) <= blocks
+        assert all(a < b for a, b in spans) and all(b == a2 for (_, b), (a2, _) in zip(spans, spans[1:]))
+        assert all(b % k == 0 for _, b in spans[:-1])
+
+
+def test_a_nan_in_one_float_trial_stays_in_that_trial(plain_cnn, digits_test_npz):
+    """bitflip-fp32 makes inf and NaN weights: in a stacked session they must not reach the
+    other trials' channels."""
+    model = onnx.load(str(plain_cnn))
+    data = load_npz(digits_test_npz, model)
+    ev = FloatWeightEvaluator(model, data)
+    assert ev.stack > 1
+    first = next(iter(ev.values))
+    poisoned = ev.values[first].copy()
+    poisoned.reshape(-1)[::7] = np.nan
+    logits = ev.stacked.logits([None, {first: poisoned}, None], ev.data, None)
+    assert np.isnan(logits[1]).any()
+    assert np.array_equal(logits[0], ev.clean_logits) and np.array_equal(logits[2], ev.clean_logits)
