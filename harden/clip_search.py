@@ -26,7 +26,7 @@ from .data import Dataset
 from .faults import parse_fault_spec
 from .model import float_weight_count
 from .passes import Pass, PassContext, PassResult
-from .passes.clip import NO_CLIP, ClipPass
+from .passes.clip import NO_CLIP, ClipPass, calibrate_thresholds
 from .passes.quantize import QuantizePass
 from .simulate import ChipEvaluator, Reference
 
@@ -105,8 +105,13 @@ def search_clip(
 
     base_clean, base_auc = measure(base_model)
     rows = [{"percentile": None, "clean": round(base_clean, 6), "auc": round(base_auc, 6)}]
+    # one capture of the float model's activations serves every candidate's thresholds
+    probe = ClipPass(style)
+    guarded = probe.guarded_output(float_model) if probe.output_guard else None
+    thresholds = calibrate_thresholds(float_model, calib.take(probe.calib_samples), percentiles, guarded)
     for p in percentiles:
-        clean, auc = measure(_quantized(float_model, calib, seed, ClipPass(style, p)), base_clean - tolerance)
+        clip = ClipPass(style, p, thresholds=thresholds.pop(p))
+        clean, auc = measure(_quantized(float_model, calib, seed, clip), base_clean - tolerance)
         ok = clean >= base_clean - tolerance
         row = {"percentile": p, "clean": round(clean, 6), "auc": None if auc is None else round(auc, 6), "acceptable": ok}
         if auc is None:

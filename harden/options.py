@@ -69,7 +69,7 @@ class CampaignConfig:
     trials: int = 30
     faults: tuple[str, ...] = DEFAULT_FAULTS
     explicit: bool = False
-    budget: float | None = 60.0  # seconds; the trials are cut (for every variant alike) to fit
+    budget: float | None = 30.0  # seconds; the trials are cut (for every variant alike) to fit
 
     def __post_init__(self) -> None:
         if not (isinstance(self.trials, int) and self.trials >= 0):
@@ -135,7 +135,7 @@ class ApplyOptions:
     sequential: bool = True  # compensation layer by layer on the hardened prefix (compensate.absorbing_targets)
     seed: int = 0
     trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
-    budget: float | None = 60.0  # seconds for that campaign: fewer trials when they would not fit; None: no limit
+    budget: float | None = 30.0  # seconds for that campaign: fewer trials when they would not fit; None: no limit
     faults: tuple[str, ...] | None = None  # None: DEFAULT_FAULTS, less the points the model has nothing for
     layout: str | None = None  # memory layout plugin, e.g. "tiled:rows=128,cols=128"; None = linear
     passes: tuple[str, ...] = ()  # harden.passes plugins placed in the plan: NAME[@before:P|@after:P]

@@ -21,7 +21,8 @@ def set_session_threads(threads: int | None) -> None:
     _THREADS = threads
 
 
-def session(model: onnx.ModelProto | bytes, *, optimize: bool = True, host_fused: bool = False) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes, *, optimize: bool = True, host_fused: bool = False,
+            spin: bool = True) -> ort.InferenceSession:
     """A CPU session for an in-memory model (a ModelProto or its serialized bytes) that computes
     what the chip computes.
 
@@ -34,6 +35,8 @@ def session(model: onnx.ModelProto | bytes, *, optimize: bool = True, host_fused
         opts.log_severity_level = 3
     else:
         opts = session_options(optimize=optimize, threads=_THREADS)
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         src = model if isinstance(model, bytes) else model.SerializeToString()
         return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
@@ -188,7 +191,8 @@ def capture(
     Streaming keeps memory bounded by one batch of activations, whatever the dataset size.
     """
     m = prefix_for(model, tensors)
-    sess = session(m, optimize=False)
+    # no spin-waiting between runs: `on_batch` runs numpy's BLAS threads on the same cores
+    sess = session(m, optimize=False, spin=False)
     bs = batch_size_for(model, batch_size)
     for feeds in data.batches(bs):
         n = len(next(iter(feeds.values())))

@@ -42,7 +42,7 @@ from ._training import training_fields, training_options
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
 @click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True, help="Samples used for the compensation statistics.")
 @click.option("--trials", type=click.IntRange(0), default=30, show_default=True, help="Trials per random fault point of the resilience campaign (0: no campaign).")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, metavar="SECONDS",
               help="Time for the resilience campaign: fewer trials (the same for every model compared) when the planned ones "
                    "would not fit; the report says so.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC", help="Random fault points for the campaign, e.g. bitflip:1e-3,1e-2 (repeatable). Default: bitflip:1e-3,1e-2 and, where the model has int32 biases, bitflip-bias:1e-3.")

@@ -16,10 +16,13 @@ input and output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..data import Dataset
 from ..errors import InputError
 from ..runtime import capture
 from . import Pass, PassContext, PassResult
@@ -48,11 +51,14 @@ class ClipPass(Pass):
     in_place = True
 
     def __init__(self, style: str = "zero", percentile: float | None = 100.0, headroom: float = 2.0,
-                 calib_samples: int = 512, output_guard: bool = True):
+                 calib_samples: int = 512, output_guard: bool = True, thresholds: dict | None = None):
         if style not in STYLES:
             raise ValueError(f"clip style must be one of {STYLES}")
         self.style, self.percentile, self.headroom, self.calib_samples = style, percentile, headroom, calib_samples
         self.output_guard = output_guard and style == "zero"
+        #: thresholds calibrated beforehand (`calibrate_candidates`: one capture for several
+        #: percentiles, as the clip search does); None: calibrate on ctx.calib in `call`
+        self.thresholds = thresholds
 
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         if self.percentile is None:  # chosen by the clip search earlier in the plan
@@ -65,10 +71,12 @@ class ClipPass(Pass):
             return chosen.call(model, ctx)
         relus = [n for n in model.graph.node if n.op_type == "Relu"]
         others = _left_alone(model)
-        guarded = self._guarded_output(model) if self.output_guard else None
+        guarded = self.guarded_output(model) if self.output_guard else None
         if not relus and guarded is None:
             return PassResult(model, False, {"style": self.style, "layers": [], **others})
-        thresholds = self._calibrate(model, relus, guarded, ctx)
+        thresholds = self.thresholds
+        if thresholds is None:
+            thresholds = calibrate_thresholds(model, ctx.calib.take(self.calib_samples), (self.percentile,), guarded)[self.percentile]
         layers, new_nodes, inits = [], [], []
         last = relus[-1].output[0] if relus else None
         zero = "harden_clip_zero"
@@ -129,7 +137,7 @@ class ClipPass(Pass):
         rest = "; left alone: " + ", ".join(f"{k} x{v}" for k, v in alone.items()) if alone else ""
         return f"{record['style']} style on {n} ReLUs{guard}, {record.get('threshold_values', 0)} thresholds{rest}"
 
-    def _guarded_output(self, model: onnx.ModelProto) -> str | None:
+    def guarded_output(self, model: onnx.ModelProto) -> str | None:
         """The first graph output, when a linear op produces it (logits), else None."""
         out = model.graph.output[0].name
         producer = next((n for n in model.graph.node if out in n.output), None)
@@ -155,35 +163,42 @@ class ClipPass(Pass):
         return {"relu": None, "output_guard": out, "granularity": "element", "thresholds": int(lo.size + hi.size),
                 "threshold": None, "threshold_mean": round(float(hi.mean()), 6)}
 
-    def _calibrate(self, model, relus, guarded, ctx: PassContext) -> dict:
-        """Layer-wise scalar T, element-wise T for the last ReLU (forward order); element-wise
-        (min, max) for the guarded output."""
-        names = [n.output[0] for n in relus]
-        last = names[-1] if names else None
-        seen: dict[str, list[np.ndarray]] = {n: [] for n in names + ([guarded] if guarded else [])}
-        elementwise = {last, guarded}
 
-        def on_batch(acts):
-            for n, a in acts.items():
-                if n in elementwise or self.percentile < 100:
-                    seen[n].append(a)
-                else:
-                    seen[n].append(np.asarray(a.max(), dtype=np.float32)[None])
+def calibrate_thresholds(model: onnx.ModelProto, calib: Dataset, percentiles: Sequence[float], guarded: str | None) -> dict[float, dict]:
+    """Per percentile, the clip pass's thresholds from one capture of `calib`: a layer-wise scalar
+    T per ReLU, element-wise T for the last ReLU (forward order), element-wise (min, max) for the
+    guarded output. Several percentiles share the capture (the clip search's candidates differ
+    in thresholds, not in the activations they are read from)."""
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    last = names[-1] if names else None
+    seen: dict[str, list[np.ndarray]] = {n: [] for n in names + ([guarded] if guarded else [])}
+    elementwise = {last, guarded}
+    whole = any(p < 100 for p in percentiles)
 
-        capture(model, ctx.calib.take(self.calib_samples), list(seen), on_batch)
-        out: dict = {}
-        for n, chunks in seen.items():
-            a = np.concatenate(chunks)
-            if n == guarded:
-                out[n] = (a.min(axis=0), a.max(axis=0))
-                continue
-            if n == last:
-                t = np.percentile(a, self.percentile, axis=0) if self.percentile < 100 else a.max(axis=0)
+    def on_batch(acts):
+        for n, a in acts.items():
+            if n in elementwise or whole:
+                seen[n].append(a)
             else:
-                t = np.percentile(a, self.percentile) if self.percentile < 100 else a.max()
+                seen[n].append(np.asarray(a.max(), dtype=np.float32)[None])
+
+    capture(model, calib, list(seen), on_batch)
+    out: dict[float, dict] = {p: {} for p in percentiles}
+    for n, chunks in seen.items():
+        a = np.concatenate(chunks)
+        seen[n] = []
+        if n == guarded:
+            for p in percentiles:
+                out[p][n] = (a.min(axis=0), a.max(axis=0))
+            continue
+        below = [p for p in percentiles if p < 100]
+        axis = 0 if n == last else None
+        found = dict(zip(below, np.percentile(a, below, axis=axis))) if below else {}
+        for p in percentiles:
+            t = found[p] if p < 100 else a.max(axis=axis)
             # A dead unit (never positive) keeps a tiny positive T so it stays dead, never NaN.
-            out[n] = np.maximum(np.asarray(t, dtype=np.float32), np.float32(1e-6))
-        return out
+            out[p][n] = np.maximum(np.asarray(t, dtype=np.float32), np.float32(1e-6))
+    return out
 
 
 #: Activations the clip pass does not replace (it clips ReLU, whose zero floor lets a clipped
