@@ -92,33 +92,45 @@ class StackedSessions:
         if missing:
             raise Unstackable(f"{missing[0]} is not an initializer")
         self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
-        graph, self._concat, self._per_trial = _widen(model, set(self.names), self.k)
-        self._base = graph.SerializeToString()
-        # a variant that leaves a per-trial tensor clean reuses its serialized bytes
-        self._clean_parts = {(n, t): initializer_bytes(f"{n}__t{t}", self.clean[n])
-                             for n in self._per_trial for t in range(self.k)}
+        self._model = model
+        self._layouts: dict[int, tuple[bytes, list[str], list[str], dict]] = {}
+        self._layout(self.k)  # Unstackable here, not at the first trial
+
+    def _layout(self, width: int) -> tuple[bytes, list[str], list[str], dict]:
+        """The `width`-wide graph's bytes (without the variables), the variables it takes
+        concatenated and per trial, and the serialized clean per-trial tensors (a variant that
+        leaves one clean reuses them). A group shorter than k (the last of a point, a point of
+        one trial) runs on a graph as wide as itself: every trial computes the same products in
+        any width, and the width is fixed by the trial indices alone."""
+        if width not in self._layouts:
+            graph, concat, per_trial = _widen(self._model, set(self.names), width)
+            clean_parts = {(n, t): initializer_bytes(f"{n}__t{t}", self.clean[n]) for n in per_trial for t in range(width)}
+            self._layouts[width] = (graph.SerializeToString(), concat, per_trial, clean_parts)
+        return self._layouts[width]
 
     def session_for(self, variants: Sequence[dict[str, np.ndarray] | None]) -> ort.InferenceSession:
-        """One session holding `variants` (at most k; the rest of the k slots hold the clean
-        values). A variant dict may hold only the tensors it changed."""
+        """One session holding `variants` (1 to k of them; None: the clean values). A variant
+        dict may hold only the tensors it changed."""
         if not 0 < len(variants) <= self.k:
             raise ValueError(f"1 to {self.k} variants per stacked session, got {len(variants)}")
-        slots = [v or {} for v in variants] + [{}] * (self.k - len(variants))
-        parts = [self._base]
-        for n in self._concat:
+        slots = [v or {} for v in variants]
+        base, concat, per_trial, clean_parts = self._layout(len(slots))
+        parts = [base]
+        for n in concat:
             parts.append(initializer_bytes(f"{n}__stk", np.concatenate([s.get(n, self.clean[n]) for s in slots])))
-        for n in self._per_trial:
+        for n in per_trial:
             for t, s in enumerate(slots):
-                parts.append(initializer_bytes(f"{n}__t{t}", s[n]) if n in s else self._clean_parts[n, t])
+                parts.append(initializer_bytes(f"{n}__t{t}", s[n]) if n in s else clean_parts[n, t])
         return session(b"".join(parts))
 
-    def batch_size(self, fixed: int | None) -> int:
+    @staticmethod
+    def batch_size(fixed: int | None, width: int) -> int:
         """Rows per batch: the model's fixed batch, else STACK_ROWS trial-samples per run."""
-        return fixed or max(1, STACK_ROWS // self.k)
+        return fixed or max(1, STACK_ROWS // width)
 
     @staticmethod
     def split(stacked: np.ndarray, count: int) -> list[np.ndarray]:
-        """The first `count` trials' outputs from a stacked session's output [N, K, ...]."""
+        """The `count` trials' outputs from a stacked session's output [N, width, ...]."""
         return [np.ascontiguousarray(stacked[:, t]) for t in range(count)]
 
     def logits(self, variants: Sequence[dict[str, np.ndarray] | None], data: Dataset, fixed: int | None) -> list[np.ndarray]:
@@ -129,7 +141,7 @@ class StackedSessions:
         for a in range(0, len(variants), self.k):
             chunk = variants[a:a + self.k]
             sess = self.session_for(chunk)
-            (stacked,) = run_batched(sess, data, self.batch_size(fixed), [sess.get_outputs()[0].name])
+            (stacked,) = run_batched(sess, data, self.batch_size(fixed, len(chunk)), [sess.get_outputs()[0].name])
             out += self.split(stacked, len(chunk))
         return out
 

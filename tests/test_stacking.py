@@ -44,7 +44,7 @@ def test_stacked_trials_compute_what_one_session_per_trial_computes(which, reque
     values = {n: get_initializer(model, n) for n in names}
     variants = _variants(values, 6, seed=1)
     stacked = StackedSessions(model, names, 4)
-    got = stacked.logits(variants, data, None)  # 6 variants: a full group of 4, then 2 + 2 clean slots
+    got = stacked.logits(variants, data, None)  # 6 variants: a group of 4, then one of 2 (a 2-wide graph)
     single = VariantSessions(model, names)
     for v, lg in zip(variants, got):
         sess = single.session_for(v)
