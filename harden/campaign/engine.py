@@ -177,23 +177,29 @@ class Campaign(RecordsMixin):
         """How many trials of `point` one inference pass runs (the session's `stack`)."""
         return max(1, int(self.session(self.points[point].space_kind)[0].stack))
 
-    def run_trials(self, point: int, start: int, stop: int) -> list[TrialResult]:
+    def run_trials(self, point: int, start: int, stop: int, planned: int | None = None) -> list[TrialResult]:
         """Trials [start, stop) of `point`, in order. A session that runs k trials per pass
-        (stacking.py) gets them in groups aligned to k from trial 0, trial t at position t % k
-        (slots outside [start, stop) run clean), so a trial's figures never depend on which
-        other trials a caller asked for."""
+        (stacking.py) gets them in groups aligned to k from trial 0, trial t at position t % k,
+        each group as wide as k or, for the last group of the point's `planned` trials, as
+        what is left (slots outside [start, stop) run clean). The pass a trial runs in is thus
+        fixed by (t, planned) alone: a trial's figures never depend on which other trials a
+        caller asked for, nor on how workers shared them out. Without `planned` (one trial
+        asked for alone) a group is k wide."""
         ses, base = self.session(self.points[point].space_kind)
         k = self.stack_of(point)
         rows: list[TrialResult] = []
         a = start - start % k
         while a < stop:
+            width = k if planned is None else max(1, min(k, planned - a))
             trials = range(max(a, start), min(a + k, stop))
             injections = [self.injection(point, t) for t in trials]
             if k == 1:
                 preds = [ses.predictions(i) if i.tensors else base.clean_pred for i in injections]
             else:
-                slots: list[Injection | None] = [None] * (trials.start - a) + injections
-                preds = ses.predictions_many(slots)[trials.start - a:]
+                lead = trials.start - a
+                slots: list[Injection | None] = [None] * lead + injections
+                slots += [None] * (width - len(slots))
+                preds = ses.predictions_many(slots)[lead:lead + len(injections)]
             rows += [self._trial_result(point, t, i, p, base) for t, i, p in zip(trials, injections, preds)]
             a += k
         return rows
@@ -208,13 +214,13 @@ class Campaign(RecordsMixin):
         events = int(np.count_nonzero(pred[base.correct] != base.clean_pred[base.correct]))
         return TrialResult(point, trial, acc, events, inj.cells, int(np.count_nonzero(pred == NAN_CLASS)))
 
-    def _rows(self, point: int, start: int, stop: int) -> Iterable[TrialResult]:
-        """Trials [start, stop) in order, one pass (one group of `stack_of` trials) at a time."""
+    def _rows(self, point: int, start: int, planned: int) -> Iterable[TrialResult]:
+        """Trials [start, planned) in order, one pass (one group of `stack_of` trials) at a time."""
         k = self.stack_of(point)
         t = start
-        while t < stop:
-            end = min(stop, (t // k + 1) * k)
-            yield from self.run_trials(point, t, end)
+        while t < planned:
+            end = min(planned, (t // k + 1) * k)
+            yield from self.run_trials(point, t, end, planned)
             t = end
 
     # --- the campaign --------------------------------------------------------------------
@@ -243,7 +249,7 @@ class Campaign(RecordsMixin):
             if executor is None:
                 rows: Iterable[TrialResult] = self._rows(point, n, planned)
             else:
-                rows = executor.run(self, point, n, executor.round_end(n, planned, options))
+                rows = executor.run(self, point, n, executor.round_end(n, planned, options), planned)
             for r in rows:
                 t = r.trial
                 acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
@@ -318,5 +324,6 @@ class TrialExecutor:
 
     parallelism: int = 1
 
-    def run(self, campaign: "Campaign", point: int, start: int, stop: int) -> list[TrialResult]:
+    def run(self, campaign: "Campaign", point: int, start: int, stop: int, planned: int) -> list[TrialResult]:
+        """Trials [start, stop) of the point's `planned` (`Campaign.run_trials` groups by it)."""
         raise NotImplementedError

@@ -29,13 +29,13 @@ class DaskTrials(TrialExecutor):
         self.recipe = SharedData(client, campaign.recipe())
         self.run_id = uuid.uuid4().hex[:12]  # task keys unique to this run
 
-    def _submit(self, point: int, a: int, b: int, attempt: int):
-        return self.client.submit(_trial_block, self.recipe.refresh(), self.token, point, a, b, pure=False, retries=2,
+    def _submit(self, point: int, a: int, b: int, planned: int, attempt: int):
+        return self.client.submit(_trial_block, self.recipe.refresh(), self.token, point, a, b, planned, pure=False, retries=2,
                                   key=f"harden-trials-{self.run_id}-{point}-{a}-{b}-{attempt}")
 
-    def run(self, campaign: "Campaign", point: int, start: int, stop: int) -> list[TrialResult]:
+    def run(self, campaign: "Campaign", point: int, start: int, stop: int, planned: int) -> list[TrialResult]:
         spans = aligned_spans(start, stop, 2 * self.parallelism, campaign.stack_of(point))
-        futs = [self._submit(point, a, b, 0) for a, b in spans]
+        futs = [self._submit(point, a, b, planned, 0) for a, b in spans]
         rows: list[TrialResult] = []
         for (a, b), fut in zip(spans, futs):
             for attempt in range(1, LOST_TASK_RETRIES + 2):
@@ -45,7 +45,7 @@ class DaskTrials(TrialExecutor):
                 except Exception as exc:
                     if not is_lost_task(exc) or attempt > LOST_TASK_RETRIES:
                         raise
-                    fut = self._submit(point, a, b, attempt)
+                    fut = self._submit(point, a, b, planned, attempt)
         return rows
 
 
@@ -59,9 +59,9 @@ def aligned_spans(start: int, stop: int, blocks: int, stack: int) -> list[tuple[
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _trial_block(recipe: CampaignRecipe, token: str, point: int, start: int, stop: int) -> list[TrialResult]:
+def _trial_block(recipe: CampaignRecipe, token: str, point: int, start: int, stop: int, planned: int) -> list[TrialResult]:
     """A Dask task: trials [start, stop) of `point` on this worker's copy of the campaign."""
     campaign = worker_cached(token, recipe.build)
-    return campaign.run_trials(point, start, stop)
+    return campaign.run_trials(point, start, stop, planned)
 
 
