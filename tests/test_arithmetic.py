@@ -219,3 +219,24 @@ def test_without_eval_data_figures_are_on_held_out_samples(tmp_path):
     from harden.report import summary_table
 
     assert "held-out" in summary_table(res.report)
+
+
+@needs_qemu
+@pytest.mark.slow
+def test_stacked_campaign_figures_on_an_emulated_avx2_cpu(tmp_path):
+    """Stacked trials (grouped convolutions, K trials per session) give every trial the figures
+    of this host on an AVX2-only CPU, whose NCHWc blocks are 8 channels wide instead of 16."""
+    q = tmp_path / "q.onnx"
+    quant = subprocess.run([sys.executable, "-m", "harden", "quantize", str(ROOT / "samples/model.onnx"), "--data",
+                            str(ROOT / "samples/calib.npz"), "-o", str(q), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert quant.returncode == 0, quant.stderr[-2000:]
+    args = ["-m", "harden", "simulate", str(q), "--data", str(ROOT / "samples/test.npz"), "--fault", "bitflip:1e-2",
+            "--trials", "20", "--json"]
+    emulated = _qemu(*args, timeout=900)
+    assert emulated.returncode == 0, emulated.stderr[-2000:]
+    native = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert native.returncode == 0, native.stderr[-2000:]
+    a, b = (json.loads(p.stdout)["points"][0]["per_trial"]["accuracy"] for p in (emulated, native))
+    n = json.loads(native.stdout)["clean"]["samples"]
+    assert len(a) == len(b) == 20 and len(set(b)) > 1
+    assert max(abs(x - y) for x, y in zip(a, b)) * n <= TOLERANCE["accuracy_samples"] + 1e-6
