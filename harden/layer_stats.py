@@ -199,6 +199,19 @@ class PairedStats(LayerStats):
 
     sum_r: np.ndarray | None = None  # (groups, d) sum of r
     sum_rx: np.ndarray | None = None  # (groups, d, d) sum of r x^T
+    #: the picked rows whose products give sum_xx and sum_rx, multiplied on first use: a stage's
+    #: layers then hold rows, not d x d sums, until each is remapped
+    pending: tuple | None = None
+
+    def _products(self) -> None:
+        if self.pending is not None:
+            gram, name = self.pending
+            self.sum_xx, self.sum_rx = gram.pop((name, "xx")), gram.pop((name, "rx"))
+            self.pending = None
+
+    def hessian(self) -> np.ndarray:
+        self._products()
+        return super().hessian()
 
     @property
     def mean_ref(self) -> np.ndarray:
@@ -207,6 +220,7 @@ class PairedStats(LayerStats):
 
     def cross(self) -> np.ndarray:
         """E[r x^T] per group."""
+        self._products()
         assert self.sum_rx is not None
         return self.sum_rx / max(self.rows, 1)
 
@@ -268,8 +282,8 @@ def collect_paired(
     if names:
         capture(reference, data, names, on_reference, batch_size=batch)
         capture(model, data, names, on_model, batch_size=batch)
-    for name, st in stats.items():
-        st.sum_xx, st.sum_rx = gram.pop((name, "xx")), gram.pop((name, "rx"))
+    for name, st in stats.items():  # the d x d products when the layer asks for them
+        st.pending = (gram, name)
     return stats
 
 
