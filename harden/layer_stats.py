@@ -117,7 +117,7 @@ class _Gram:
     allows: the picked rows are kept (float32: they are float32 activations, so nothing is lost)
     until they number d, then multiplied at once. A product per batch cost d x d work whatever
     the rows: ResNet-50's fixed batch of 1 gave its 4608-wide layers 18 rows per batch, and 144
-    products of 4608 x 4608 took 14 s of its 45 s of statistics (19 s in all now)."""
+    products of 4608 x 4608 took 14 s of its 45 s of statistics (about 18 s in all now)."""
 
     def __init__(self) -> None:
         self._parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, float]]] = {}
@@ -238,8 +238,7 @@ def collect_paired(
     rows of the same samples: two streamed passes, each running only the prefix the ops' inputs
     need. The reference's picked rows are kept between the passes (float32, at most `max_rows`
     per op and `max_kept` values per op, so a 4608-wide ResNet-50 layer keeps 455 rows; layers
-    up to 256 wide keep all 8192). The two d x d products per batch are FAQ's main cost on
-    ResNet-50: 4 Mi values took its statistics 42 s, 2 Mi about half (issue 12's 3 minutes)."""
+    up to 256 wide keep all 8192)."""
     batch = batch_size_for(model, stats_batch(data))  # a fixed-batch model runs its own batch
     n_batches = max(1, -(-len(data) // batch))
     layers = [w for w in weights if supported(w)]

@@ -56,7 +56,7 @@ class ClipPass(Pass):
             raise ValueError(f"clip style must be one of {STYLES}")
         self.style, self.percentile, self.headroom, self.calib_samples = style, percentile, headroom, calib_samples
         self.output_guard = output_guard and style == "zero"
-        #: thresholds calibrated beforehand (`calibrate_candidates`: one capture for several
+        #: thresholds calibrated beforehand (`calibrate_thresholds`: one capture for several
         #: percentiles, as the clip search does); None: calibrate on ctx.calib in `call`
         self.thresholds = thresholds
 
@@ -166,7 +166,7 @@ class ClipPass(Pass):
 
 #: Values per ReLU a layer-wise percentile is read from (evenly spaced over each batch's
 #: activations): every value of the digits models; ResNet-50's 24 calibration images hold 19 M
-#: values at its first ReLU, and keeping all of them for 49 ReLUs took gigabytes.
+#: values at its first ReLU alone, about 1 GB over its 49 ReLUs if all were kept.
 PERCENTILE_VALUES = 1 << 20
 
 
