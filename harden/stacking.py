@@ -33,14 +33,14 @@ onnxruntime nor onnx offers a batched-weights rewrite of a graph.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from .data import Dataset
+from .data import Dataset, top1
 from .runtime import initializer_bytes, run_batched, session
 
 #: Ops that act on each channel alone (element-wise with scalar constants, pooling): a stacked
@@ -77,7 +77,7 @@ def stack_size(weight_bytes: int) -> int:
 
 class StackedSessions:
     """Sessions that each run up to `k` variants of one model (values of its `names`
-    initializers) side by side; `logits(variants, run)` gives each variant's first output.
+    initializers) side by side; `logits(variants, data, fixed)` gives each variant's first output.
 
     Build with `StackedSessions(model, names, k)`; raises Unstackable when the graph cannot be
     widened (see the module doc)."""
@@ -144,6 +144,14 @@ class StackedSessions:
             (stacked,) = run_batched(sess, data, self.batch_size(fixed, len(chunk)), [sess.get_outputs()[0].name])
             out += self.split(stacked, len(chunk))
         return out
+
+
+def top1_of_trials(injections: Sequence, values: dict[str, np.ndarray], clean: np.ndarray,
+                    logits_many: Callable[[list], list[np.ndarray]]) -> list[np.ndarray]:
+    """Each injection's top-1 through a session's `logits_many` (one variant per injection, in
+    its slot; an injection that is None or hits nothing runs clean and gets `clean`)."""
+    variants = [i.apply(values) if i is not None and i.tensors else None for i in injections]
+    return [top1(lg) if v is not None else clean for v, lg in zip(variants, logits_many(variants))]
 
 
 def stacked_sessions(model: onnx.ModelProto, names: Sequence[str]) -> StackedSessions | None:
@@ -270,8 +278,6 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
                     raise Unstackable(f"{node.name} ({op}): a stacked input beside a non-scalar {i}")
             if x != _STACKED:
                 raise Unstackable(f"{node.name} ({op}): a stacked tensor beside a shared first input")
-            if op == "PRelu" and _size(inits.get(node.input[1], onnx.TensorProto())) != 1:
-                raise Unstackable(f"{node.name}: per-channel PRelu")
             new_nodes.append(node)
             for o in node.output:
                 state[o] = _STACKED

@@ -19,6 +19,7 @@ from ..faults import (
 from ..faults.fp32 import FP32_KIND, FloatWeightEvaluator
 from ..faults.variability import AnalogEvaluator
 from ..simulate import ChipEvaluator
+from ..stacking import top1_of_trials
 
 
 def _analog_session(model: onnx.ModelProto, data: Dataset):
@@ -58,9 +59,7 @@ class WeightSession(Session):
     def predictions_many(self, injections: list[Injection | None]) -> list[np.ndarray]:
         """Each injection's top-1, `stack` trials per session (an injection that hits nothing
         keeps its slot, run clean, and gets the clean predictions)."""
-        variants = [i.apply(self.values) if i is not None and i.tensors else None for i in injections]
-        logits = self.evaluator.logits_many(variants)
-        return [top1(lg) if v is not None else self.clean for v, lg in zip(variants, logits)]
+        return top1_of_trials(injections, self.values, self.clean, self.evaluator.logits_many)
 
 
 #: Side sessions by a fault model's `space_kind`: factory(model, data) -> a faults.Session.

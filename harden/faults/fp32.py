@@ -44,7 +44,7 @@ from ..errors import InputError
 from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
 from ..runtime import VariantSessions, batch_size_for, fixed_batch, run_batched
 from ..simulate import weights_as_inputs
-from ..stacking import StackedSessions, stacked_sessions
+from ..stacking import StackedSessions, stacked_sessions, top1_of_trials
 from .base import (
     Injection,
     ParamsFaultModel,
@@ -196,14 +196,16 @@ class FloatWeightEvaluator(Session):
     def stack(self) -> int:  # type: ignore[override]
         return self.stacked.k if self.stacked is not None else 1
 
-    def predictions_many(self, injections: list[Injection | None]) -> list[np.ndarray]:
-        """Each injection's top-1, `stack` trials per session (stacking.py; a NaN or inf in one
-        trial's weights stays in that trial's channels)."""
+    def logits_many(self, variants: list[dict[str, np.ndarray] | None]) -> list[np.ndarray]:
+        """`logits(v)` for each variant, `stack` variants per session (stacking.py; a NaN or inf
+        in one trial's weights stays in that trial's channels)."""
         if self.stacked is None:
-            return [self.predictions(i) for i in injections]
-        variants = [i.apply(self.values) if i is not None and i.tensors else None for i in injections]
-        logits = self.stacked.logits(variants, self.data, fixed_batch(self._work))
-        return [top1(lg) if v is not None else self.clean for v, lg in zip(variants, logits)]
+            return [self.logits(v) for v in variants]
+        return self.stacked.logits(variants, self.data, fixed_batch(self._work))
+
+    def predictions_many(self, injections: list[Injection | None]) -> list[np.ndarray]:
+        """Each injection's top-1, `stack` trials per session."""
+        return top1_of_trials(injections, self.values, self.clean, self.logits_many)
 
     def session_info(self) -> dict:
         """What the report records of this session."""
