@@ -70,10 +70,10 @@ def error_feedback(
     sa1: np.ndarray,
     hinv: np.ndarray,
     table: FAQTable,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Move each row (targets: rows x d, code units) so its unfixable faulty weights are absorbed.
 
-    Returns the moved targets and the number of weights that were forced. Rows are solved in
+    Returns the moved targets and the number of weights forced per row. Rows are solved in
     batches padded to the same |F| (np.linalg.solve is batched), so there is no Python loop
     over weights and only one over chunks of rows.
     """
@@ -85,7 +85,7 @@ def error_feedback(
     moved = targets.astype(np.float64).copy()
     rows = np.flatnonzero(counts)
     if rows.size == 0:
-        return moved, 0
+        return moved, counts
     rows = rows[np.argsort(counts[rows], kind="stable")]
     d = targets.shape[1]
 
@@ -99,7 +99,7 @@ def error_feedback(
         chunk = rows[start:end]
         _solve_chunk(moved, residual, force, hinv, chunk, int(counts[chunk[-1]]))
         start = end
-    return moved, int(counts.sum())
+    return moved, counts
 
 
 def _solve_chunk(moved, residual, force, hinv, chunk, kmax) -> None:
@@ -136,9 +136,10 @@ def remap_rows(
     table: FAQTable,
     hessian: np.ndarray | None,
     block: int = BLOCK,
-) -> tuple[np.ndarray, int]:
-    """FAQ codes for one group of rows, with error feedback when the input `hessian` is given."""
-    forced = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """FAQ codes for one group of rows, with error feedback when the input `hessian` is given,
+    and the number of weights the feedback forced per row."""
+    forced = np.zeros(targets.shape[0], np.int64)
     if hessian is not None:
         moved = np.empty(targets.shape, np.float64)
         d = targets.shape[1]

@@ -278,6 +278,8 @@ class QWeight:
     attrs: dict
     bias: str | None = None  # int32 initializer
     bias_scale: np.ndarray | None = None
+    scale_name: str = ""  # the DequantizeLinear's scale initializer
+    bias_scale_name: str | None = None
 
     @property
     def size(self) -> int:
@@ -308,12 +310,12 @@ def qdq_weights(model: onnx.ModelProto) -> list[QWeight]:
         if zp is not None and np.any(zp != 0):
             raise InputError(f"weight {dq.input[0]!r} has a non-zero zero point; harden expects symmetric int8 weights")
         axis = int(_attrs(dq).get("axis", 1))
-        bias = bias_scale = None
+        bias = bias_scale = bias_scale_name = None
         if node.op_type not in TABLE_OPS and len(node.input) > 2 and node.input[2]:
             bdq = dq_by_output.get(node.input[2])
             if bdq is not None and bdq.input[0] in inits and inits[bdq.input[0]].data_type == onnx.TensorProto.INT32:
-                bias = bdq.input[0]
-                bias_scale = numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float32)
+                bias, bias_scale_name = bdq.input[0], bdq.input[1]
+                bias_scale = numpy_helper.to_array(inits[bias_scale_name]).astype(np.float32)
         act = "" if node.op_type in TABLE_OPS else node.input[0]
         table[dq.input[0]] = QWeight(
             name=dq.input[0],
@@ -326,8 +328,41 @@ def qdq_weights(model: onnx.ModelProto) -> list[QWeight]:
             attrs=_attrs(node),
             bias=bias,
             bias_scale=bias_scale,
+            scale_name=dq.input[1],
+            bias_scale_name=bias_scale_name,
         )
     return list(table.values())
+
+
+def row_axis(w: QWeight) -> int:
+    """The weight axis that holds its output channels (a Gemm without transB, a MatMul: 1)."""
+    return 0 if w.op_type in ("Conv", "ConvTranspose") or (w.op_type == "Gemm" and w.attrs.get("transB", 0)) else 1
+
+
+def channel_sign_scales(model: onnx.ModelProto, table: list[QWeight] | None = None) -> dict[str, tuple[str, ...]]:
+    """Per weight whose output channels FAQ may store negated (passes/faq.py, sign choice):
+    the scale initializers a negated channel negates, its own and its int32 bias's.
+
+    Those weights have one scale per output channel along that axis, read by no other node,
+    and a bias (if any) scaled per channel too. The scales then differ from chip to chip,
+    so an evaluator that serves a fleet takes them as values, like the weights
+    (simulate.ChipEvaluator)."""
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    out: dict[str, tuple[str, ...]] = {}
+    for w in qdq_weights(model) if table is None else table:
+        if w.op_type in TABLE_OPS or w.op_type == "ConvTranspose" or w.scale.size < 2 or w.axis != row_axis(w):
+            continue
+        names: tuple[str, ...] = (w.scale_name,)
+        if w.bias is not None:
+            if w.bias_scale is None or w.bias_scale.size != w.scale.size or not w.bias_scale_name:
+                continue
+            names += (w.bias_scale_name,)
+        if all(uses.get(n, 0) == 1 for n in names):
+            out[w.name] = names
+    return out
 
 
 def is_qdq_int8(model: onnx.ModelProto) -> bool:

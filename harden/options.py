@@ -38,12 +38,14 @@ class ClipConfig:
 @dataclass(frozen=True)
 class FAQConfig:
     """Fault-aware quantization: error feedback, bias correction, the samples their statistics
-    use, and whether compensation runs layer by layer on the hardened prefix (`sequential`)."""
+    use, whether compensation runs layer by layer on the hardened prefix (`sequential`), and
+    whether an output channel may be stored negated with a negated scale (`sign_choice`)."""
 
     compensation: bool = True
     bias_correction: bool = True
     calib_samples: int = 256
     sequential: bool = True
+    sign_choice: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
@@ -133,6 +135,7 @@ class ApplyOptions:
     bias_correction: bool = True
     calib_samples: int = 256
     sequential: bool = True  # compensation layer by layer on the hardened prefix (compensate.absorbing_targets)
+    sign_choice: bool = True  # per output channel, negated codes with a negated scale where they read back closer
     seed: int = 0
     trials: int = 30  # per random fault point of the resilience campaign; 0 = no campaign
     budget: float | None = 30.0  # seconds for that campaign: fewer trials when they would not fit; None: no limit
@@ -176,7 +179,7 @@ class ApplyOptions:
         return Config(
             seed=self.seed,
             clip=ClipConfig(self.clip, self.clip_style, self.clip_percentile),
-            faq=FAQConfig(self.compensation, self.bias_correction, self.calib_samples, self.sequential),
+            faq=FAQConfig(self.compensation, self.bias_correction, self.calib_samples, self.sequential, self.sign_choice),
             campaign=CampaignConfig(self.trials, tuple(self.faults) if self.faults is not None else DEFAULT_FAULTS,
                                     self.faults is not None, self.budget),
             training=training, layout=self.layout, passes=tuple(self.passes))

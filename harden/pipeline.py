@@ -169,7 +169,7 @@ def harden_for_chip(shared: Shared, fm: FaultMap, opts: ApplyOptions, evaluator:
     model.CopyFrom(shared.plain)
     cfg = opts.config()
     faq = FAQPass(fm, compensate=cfg.faq.compensation, bias_correction=cfg.faq.bias_correction, calib_samples=cfg.faq.calib_samples,
-                  sequential=cfg.faq.sequential,
+                  sequential=cfg.faq.sequential, sign_choice=cfg.faq.sign_choice,
                   layout=cfg.layout)
     hardened, records = run_passes(model, [faq], shared.ctx)
     t0 = time.perf_counter()
@@ -352,7 +352,7 @@ def evaluate_on_chip(shared: Shared, hardened: onnx.ModelProto, fm: FaultMap, ev
     """
     float_acc = shared.reference()[0]
     ev = evaluator or reference_evaluator(shared)
-    names = ev.weight_names + ev.bias_names
+    names = ev.names
     mm = MemoryMap.from_json(get_metadata(hardened)["harden.memory_map"])  # the layout FAQ used
     hardened_values = model_values(hardened, names)
     hardened_logits = ev.logits(hardened_values)

@@ -28,7 +28,7 @@ import onnxruntime as ort
 from .data import Dataset, accuracy, top1
 from .faultmap import FaultMap, read_back
 from .memory import MemoryMap
-from .model import get_initializer, qdq_weights
+from .model import channel_sign_scales, get_initializer, qdq_weights
 from .runtime import VariantSessions, batch_size_for, fixed_batch, run_batched, session
 from .stacking import StackedSessions, stacked_sessions
 
@@ -71,7 +71,9 @@ class ChipEvaluator:
         self.table = qdq_weights(model)
         self.weight_names = [w.name for w in self.table]
         self.bias_names = [w.bias for w in self.table if w.bias]
-        names = self.weight_names + self.bias_names
+        # FAQ's sign choice negates per-channel scales chip by chip: values like the weights
+        self.scale_names = [n for names in channel_sign_scales(model, self.table).values() for n in names]
+        self.names = names = self.weight_names + self.bias_names + self.scale_names
         self.defaults = {n: get_initializer(model, n) for n in names}
         self.strategy = strategy
         self._model = model
@@ -103,7 +105,7 @@ class ChipEvaluator:
         """The stacked sessions of the "stack" strategy (built on first use), None when the
         strategy is another or the graph runs one variant per session."""
         if self._stacked is False:
-            self._stacked = stacked_sessions(self._model, self.weight_names + self.bias_names)
+            self._stacked = stacked_sessions(self._model, self.names)
         return self._stacked  # type: ignore[return-value]
 
     @property
@@ -131,7 +133,7 @@ class ChipEvaluator:
         """The model with the int8 weights and int32 biases as graph inputs (the feed strategy's
         graph; workers and side sessions that feed values use it)."""
         if self._session_model is None:
-            self._session_model = weights_as_inputs(self._model, self.weight_names + self.bias_names)
+            self._session_model = weights_as_inputs(self._model, self.names)
         return self._session_model
 
     def predictions(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:

@@ -238,8 +238,12 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
             raise Unstackable(f"{dq.name}: per-channel parameters not along axis 0")
         dq.input[0] = f"{v}__stk"
         for i in range(1, len(dq.input)):
-            if dq.input[i]:
-                dq.input[i] = tiled(dq.input[i])
+            param = dq.input[i]
+            if param and param in variables:  # a per-channel scale that varies too (FAQ's sign choice)
+                concat.append(variable_of(param))
+                dq.input[i] = f"{param}__stk"
+            elif param:
+                dq.input[i] = tiled(param)
 
     for node in g.node:
         op = node.op_type
@@ -340,8 +344,16 @@ def _split_gemm(node, x, k, variable_of, per_trial, producer, new_inits) -> list
         t = node.input[j] if len(node.input) > j else ""
         v = variable_of(t) if t else None
         inputs.append((t, v))
-    for v in (v for _, v in inputs if v):
+    params_varying: set[str] = set()  # DequantizeLinear parameters that vary too (FAQ's sign choice)
+    for tensor, v in inputs:
+        if v is None:
+            continue
         per_trial.append(v)
+        if tensor != v:
+            for p in producer[tensor].input[1:]:
+                if p and variable_of(p) is not None:
+                    params_varying.add(p)
+                    per_trial.append(p)
     outs = []
     for t in range(k):
         if x == _STACKED:
@@ -361,7 +373,8 @@ def _split_gemm(node, x, k, variable_of, per_trial, producer, new_inits) -> list
                 continue
             dq = producer[tensor]
             wt = f"{tensor}__t{t}"
-            out.append(helper.make_node("DequantizeLinear", [f"{v}__t{t}", *dq.input[1:]], [wt], name=wt,
+            params = [f"{p}__t{t}" if p in params_varying else p for p in dq.input[1:]]
+            out.append(helper.make_node("DequantizeLinear", [f"{v}__t{t}", *params], [wt], name=wt,
                                         **{a.name: helper.get_attribute_value(a) for a in dq.attribute}))
             ins.append(wt)
         yt = f"{node.output[0]}__t{t}"

@@ -230,7 +230,7 @@ def test_faq_through_the_tiled_layout_beats_plain_int8(int8_cnn, digits_test_npz
     data = load_npz(digits_test_npz, qmodel)
     _, ref = float_reference(qmodel, data)
     ev = ChipEvaluator(qmodel, data, ref)
-    names = ev.weight_names + ev.bias_names
+    names = ev.names
     clean = ev.evaluate()
     plain_acc, hard_acc = [], []
     for seed in (1, 2, 3):

@@ -39,6 +39,10 @@ from ._training import training_fields, training_options
               help="Compensate layer by layer, each on the inputs the layers already hardened produce, so it also absorbs "
                    "their error (GPTQ's sequential mode; two calibration passes per layer). --no-sequential: every layer on "
                    "the plain int8 model's inputs, one pass for all.")
+@click.option("--sign-choice/--no-sign-choice", default=True, show_default=True,
+              help="Store an output channel's codes negated, with a negated per-channel scale, where that reads back "
+                   "closer through the chip's stuck bits (a stuck sign bit then fits the channel's weights). "
+                   "--no-sign-choice for a toolchain that needs positive scales.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
 @click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True, help="Samples used for the compensation statistics.")
 @click.option("--trials", type=click.IntRange(0), default=30, show_default=True, help="Trials per random fault point of the resilience campaign (0: no campaign).")
@@ -67,7 +71,7 @@ from ._training import training_fields, training_options
 @progress_option
 @quiet_option
 def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip, clip_style, clip_percentile,
-                  compensation, sequential, bias_correction, calib_samples, trials, budget, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
+                  compensation, sequential, sign_choice, bias_correction, calib_samples, trials, budget, faults, min_accuracy, max_drop, summary_md, extra_passes, junit, layout, html, jobs, cluster, yield_at, as_json,
                   progress_lines, quiet, **training):
     """Harden MODEL for the chip whose faults are in --faultmap.
 
@@ -91,6 +95,7 @@ def apply_command(model, faultmaps, data, output, report, eval_data, seed, clip,
         clip_percentile=clip_percentile,
         compensation=compensation,
         sequential=sequential,
+        sign_choice=sign_choice,
         bias_correction=bias_correction,
         calib_samples=calib_samples,
         seed=seed,

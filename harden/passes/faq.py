@@ -26,7 +26,7 @@ from ..faq_table import FAQTable, faq_remap, pattern_keys
 from ..faultmap import FaultMap, read_back
 from ..layer_stats import PairedStats, collect, collect_paired, rows_to_weight, stages, supported, weight_rows
 from ..memory import MemoryMap, as_layout_tensors, get_layout, linear_layout
-from ..model import QWeight, get_initializer, qdq_weights, set_initializer, set_metadata
+from ..model import QWeight, channel_sign_scales, get_initializer, qdq_weights, row_axis, set_initializer, set_metadata
 from . import Pass, PassContext, PassResult
 
 INT32 = np.iinfo(np.int32)
@@ -71,6 +71,15 @@ def _targets(w: QWeight, codes: np.ndarray, float_weight: np.ndarray | None) -> 
     return (float_weight / scale).astype(np.float32)
 
 
+def _channel_shaped(w: QWeight, per_channel: np.ndarray) -> np.ndarray:
+    """A per-output-channel vector shaped to broadcast against the weight tensor."""
+    if per_channel.size == 1:
+        return per_channel.reshape(())
+    shape = [1] * len(w.shape)
+    shape[row_axis(w)] = -1
+    return per_channel.reshape(shape)
+
+
 def _row_scale(w: QWeight, rows: int) -> np.ndarray:
     return np.broadcast_to(w.scale.astype(np.float64).ravel(), (rows,)) if w.scale.size in (1, rows) else np.ones(rows)
 
@@ -93,11 +102,13 @@ class FAQPass(Pass):
 
     def note(self, record: dict) -> str:
         return (f"{record['on_faulty_words']} weights on faulty words, {record['changed']} codes changed, "
-                f"{record['forced']} absorbed by error feedback, {record['bias_corrected']} biases corrected")
+                f"{record['forced']} absorbed by error feedback, {record['negated_channels']} channels stored negated, "
+                f"{record['bias_corrected']} biases corrected")
 
     def __init__(self, faultmap: FaultMap, *, compensate: bool = True, bias_correction: bool = True, calib_samples: int = 256,
-                 layout=None, sequential: bool = True, max_stages: int | None = None):
+                 layout=None, sequential: bool = True, max_stages: int | None = None, sign_choice: bool = True):
         self.faultmap = faultmap
+        self.sign_choice = sign_choice and compensate
         self.sequential = sequential and compensate
         self.max_stages = max_stages
         self.layout = None if layout is None else get_layout(layout)  # None: linear
@@ -108,6 +119,7 @@ class FAQPass(Pass):
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         fm = self.faultmap
         weights = qdq_weights(model)
+        signable = channel_sign_scales(model, weights) if self.sign_choice else {}
         mm = memory_map_for(model, fm.num_words, self.layout)
         t0 = time.perf_counter()
         sa0_s, sa1_s = mm.stream_masks(fm)
@@ -128,7 +140,7 @@ class FAQPass(Pass):
         t_stage = 0.0  # sequential: the stages' statistics, collected inside the remap loop
 
         t0 = time.perf_counter()
-        layers, totals = [], {"weights": 0, "on_faulty_words": 0, "changed": 0, "forced": 0, "bias_corrected": 0}
+        layers, totals = [], {"weights": 0, "on_faulty_words": 0, "changed": 0, "forced": 0, "negated_channels": 0, "bias_corrected": 0}
         for w in weights:
             slot = mm.slot(w.name)
             s0 = sa0_s[slot.offset : slot.offset + slot.count].reshape(w.shape)
@@ -140,17 +152,25 @@ class FAQPass(Pass):
                 t1 = time.perf_counter()
                 stats.update(collect_paired(reference, model, stage_list[stage_of[w.name]], calib))
                 t_stage += time.perf_counter() - t1
-            codes, forced, bias_fix = self._remap_tensor(w, targets, plain, s0, s1, table, stats.get(w.name))
+            codes, forced, bias_fix, negated = self._remap_tensor(w, targets, plain, s0, s1, table, stats.get(w.name),
+                                                                  w.name in signable)
             if self.sequential:
                 stats[w.name] = None  # used: free its d x d sums (ResNet-50 peaked at 4.2 GB holding all)
             set_initializer(model, w.name, codes)
-            if bias_fix is not None and w.bias is not None:
-                b = get_initializer(model, w.bias).astype(np.int64)
-                b += np.rint(bias_fix / np.broadcast_to(w.bias_scale.astype(np.float64), b.shape)).astype(np.int64)
+            sign = np.ones(w.scale.size)
+            if negated is not None:  # before the next stage's statistics read this model
+                sign = np.where(negated, -1.0, 1.0)
+                for name in signable[w.name]:
+                    set_initializer(model, name, get_initializer(model, name) * sign.astype(np.float32))
+            if w.bias is not None and (bias_fix is not None or negated is not None):
+                b = get_initializer(model, w.bias).astype(np.int64) * sign.astype(np.int64)
+                if bias_fix is not None:
+                    bias_scale = np.broadcast_to(w.bias_scale.astype(np.float64) * sign, b.shape)
+                    b += np.rint(bias_fix / bias_scale).astype(np.int64)
                 set_initializer(model, w.bias, np.clip(b, INT32.min, INT32.max).astype(np.int32))
             faulty = (s0 | s1) != 0
             err_plain = read_back(plain, s0, s1).astype(np.float64) - targets
-            err_hard = read_back(codes, s0, s1).astype(np.float64) - targets
+            err_hard = read_back(codes, s0, s1).astype(np.float64) * _channel_shaped(w, sign) - targets
             layer = {
                 "tensor": w.name,
                 "op": w.op_type,
@@ -158,12 +178,13 @@ class FAQPass(Pass):
                 "on_faulty_words": int(faulty.sum()),
                 "changed": int((codes != plain).sum()),
                 "forced": forced,
+                "negated_channels": 0 if negated is None else int(negated.sum()),
                 "bias_corrected": bool(bias_fix is not None and w.bias is not None),
                 "rms_error_plain": round(float(np.sqrt(np.mean(err_plain**2))), 5),
                 "rms_error_faq": round(float(np.sqrt(np.mean(err_hard**2))), 5),
             }
             layers.append(layer)
-            for k in ("weights", "on_faulty_words", "changed", "forced"):
+            for k in ("weights", "on_faulty_words", "changed", "forced", "negated_channels"):
                 totals[k] += layer[k]
             totals["bias_corrected"] += int(layer["bias_corrected"])
         t_remap = time.perf_counter() - t0
@@ -176,6 +197,7 @@ class FAQPass(Pass):
             "layout": "linear" if self.layout is None else self.layout.spec,
             "compensation": self.compensate,
             "sequential": self.sequential,
+            "sign_choice": self.sign_choice,
             **({"stages": len(stage_list)} if self.sequential else {}),
             "bias_correction": self.bias_correction,
             "table_patterns": int(table.values.shape[0]),
@@ -184,16 +206,18 @@ class FAQPass(Pass):
         }
         return PassResult(model, True, record)
 
-    def _remap_tensor(self, w, targets, plain, s0, s1, table, stats):
-        """Codes for one tensor; returns (codes, forced count, per-row float bias fix or None)."""
+    def _remap_tensor(self, w, targets, plain, s0, s1, table, stats, signs: bool):
+        """Codes for one tensor; returns (codes, forced count, per-row float bias fix or None,
+        the rows stored negated (sign choice) or None)."""
         if stats is None or not supported(w):
             faq = faq_remap(targets.ravel(), s0.ravel(), s1.ravel(), table).reshape(w.shape)
             # Without compensation the healthy words keep the quantizer's own codes.
-            return np.where((s0 | s1) != 0, faq, plain).astype(np.int8), 0, None
+            return np.where((s0 | s1) != 0, faq, plain).astype(np.int8), 0, None, None
         t_rows, s0_rows, s1_rows = (weight_rows(w, a) for a in (targets, s0, s1))
         n_rows = t_rows.shape[0]
         per_group = n_rows // stats.groups
         codes_rows = np.empty(t_rows.shape, np.int8)
+        signed = np.ones(t_rows.shape, np.float64)  # -1 on rows stored negated
         fix = np.zeros(n_rows)
         forced = 0
         scale = _row_scale(w, n_rows)
@@ -211,11 +235,31 @@ class FAQPass(Pass):
                 codes_rows[sl] = np.where((s0_rows[sl] | s1_rows[sl]) != 0, faq, weight_rows(w, plain)[sl])
             else:
                 codes_rows[sl], f = remap_rows(rows, s0_rows[sl], s1_rows[sl], table, hessian)
-                forced += f
+                if signs:
+                    aim = t_rows[sl] @ (cross[g] if paired else hessian)
+                    codes_rows[sl], signed[sl], f = _sign_choice(rows, codes_rows[sl], f, s0_rows[sl], s1_rows[sl], table, hessian, aim)
+                forced += int(f.sum())
+            effective = codes_rows[sl] * signed[sl]  # in units of the row's original scale
             if self.bias_correction and paired:
                 # E[T r] - E[codes x]: what the reference computed minus what this layer now does
-                fix[sl] = (t_rows[sl] @ stats.mean_ref[g] - codes_rows[sl] @ stats.mean[g]) * scale[sl]
+                fix[sl] = (t_rows[sl] @ stats.mean_ref[g] - effective @ stats.mean[g]) * scale[sl]
             elif self.bias_correction:
-                fix[sl] = bias_delta(t_rows[sl], codes_rows[sl], stats.mean[g], scale[sl])
+                fix[sl] = bias_delta(t_rows[sl], effective, stats.mean[g], scale[sl])
         codes = rows_to_weight(w, codes_rows)
-        return np.ascontiguousarray(codes), forced, fix if self.bias_correction else None
+        negated = signed[:, 0] < 0
+        return np.ascontiguousarray(codes), forced, fix if self.bias_correction else None, negated if negated.any() else None
+
+
+def _sign_choice(rows, codes, forced, s0, s1, table, hessian, aim):
+    """Per row, the codes of `rows` or of `-rows` (stored with a negated scale), whichever
+    reads back through the stuck bits with the smaller output error: a stuck sign bit then
+    agrees with the weights it sits under in either case. The error of read-back rows C is
+    E||T r - C x||^2 = C H C^T - 2 (T E[r x^T]) C^T + const (x = r without sequential
+    compensation), `aim` = T E[r x^T]. Returns (codes, row signs as (rows, 1) +-1, forced per row)."""
+    codes_n, forced_n = remap_rows(-rows, s0, s1, table, hessian)
+    read = read_back(codes, s0, s1).astype(np.float64)
+    read_n = -read_back(codes_n, s0, s1).astype(np.float64)
+    cost = np.einsum("rd,rd->r", read @ hessian - 2 * aim, read)
+    cost_n = np.einsum("rd,rd->r", read_n @ hessian - 2 * aim, read_n)
+    neg = cost_n < cost
+    return np.where(neg[:, None], codes_n, codes), np.where(neg, -1.0, 1.0)[:, None], np.where(neg, forced_n, forced)
