@@ -14,7 +14,11 @@ Three ways to run read-back variants (`ChipEvaluator(strategy=...)`):
 - "feed": one session whose int8 weights and int32 biases are graph inputs, so a variant is just
   feeds; but onnxruntime cannot prepack input weights, and its convolutions run 2 to 4x slower.
 
-Both run the chip's arithmetic (unfused QDQ): the same products, summed to float32 rounding.
+A variant's values are the int8 weights, the int32 biases and the per-channel scales that FAQ's
+sign choice may negate (`ChipEvaluator.names`): one evaluator of the plain graph then scores
+every chip's hardened model (a fleet's chips differ in those values only).
+
+All run the chip's arithmetic (unfused QDQ): the same products, summed to float32 rounding.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ one session build:
   DequantizeLinear of activations act on each channel alone and pass a stacked tensor on.
 
 Every trial computes exactly the products and sums of its own single-trial graph, with the
-same per-tensor activation scales (a fault changes weights, never quantization parameters);
+same per-tensor activation scales (a fault changes weights, never quantization parameters; a
+per-channel weight scale given as a variable, which FAQ's sign choice negates chip by chip,
+goes with its weights: concatenated for a Conv, one per trial for a Gemm);
 no trial's value enters another trial's channels (a NaN or inf in one trial stays in it).
 onnxruntime may pick another kernel for a grouped convolution than for the single one, so a
 trial's figures equal the single-session figures to float32 rounding (the arithmetic tolerance,
