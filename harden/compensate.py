@@ -164,13 +164,17 @@ def absorbing_targets(targets: np.ndarray, hessian: np.ndarray, cross: np.ndarra
     input's weak directions). With x the input after the layers already hardened and r the plain
     int8 model's, a layer absorbs the error its predecessors left, as GPTQ's sequential mode does.
     """
-    h = hessian.copy()
-    dead = np.diag(h) <= 0
-    damp = (ABSORB_DAMPENING if dampening is None else dampening) * float(np.mean(np.diag(h)))
+    diag = np.diag_indices_from(hessian)
+    h_diag, c_diag = hessian[diag].copy(), cross[diag].copy()
+    dead = h_diag <= 0
+    damp = (ABSORB_DAMPENING if dampening is None else dampening) * float(np.mean(h_diag))
     if damp <= 0:
         return targets
-    c = cross.copy()
-    c[np.diag_indices_from(c)] += damp
-    h[np.diag_indices_from(h)] += damp
-    h[dead, dead] += 1.0
-    return np.linalg.solve(h.T, (targets @ c).T).T
+    # The dampening goes onto the diagonals in place and comes off by restoring them: on a
+    # 4608-wide layer (ResNet-50) a copy of each matrix is 170 MB of the pass's peak memory.
+    try:
+        cross[diag] = c_diag + damp
+        hessian[diag] = h_diag + damp + np.where(dead, 1.0, 0.0)
+        return np.linalg.solve(hessian.T, (targets @ cross).T).T
+    finally:
+        hessian[diag], cross[diag] = h_diag, c_diag

@@ -31,10 +31,15 @@ class LayerStats:
     def mean(self) -> np.ndarray:
         return self.sum_x / max(self.rows, 1)
 
-    def hessian(self) -> np.ndarray:
-        """E[x x^T] per group."""
+    def hessian(self, *, release: bool = False) -> np.ndarray:
+        """E[x x^T] per group. `release`: the sums are divided in place and handed over (these
+        stats no longer hold them), which saves a d x d copy per group on wide layers."""
         assert self.sum_xx is not None
-        return self.sum_xx / max(self.rows, 1)
+        if not release:
+            return self.sum_xx / max(self.rows, 1)
+        out, self.sum_xx = self.sum_xx, None
+        out /= max(self.rows, 1)
+        return out
 
 
 def supported(w: QWeight) -> bool:
@@ -209,20 +214,24 @@ class PairedStats(LayerStats):
             self.sum_xx, self.sum_rx = gram.pop((name, "xx")), gram.pop((name, "rx"))
             self.pending = None
 
-    def hessian(self) -> np.ndarray:
+    def hessian(self, *, release: bool = False) -> np.ndarray:
         self._products()
-        return super().hessian()
+        return super().hessian(release=release)
 
     @property
     def mean_ref(self) -> np.ndarray:
         assert self.sum_r is not None
         return self.sum_r / max(self.rows, 1)
 
-    def cross(self) -> np.ndarray:
-        """E[r x^T] per group."""
+    def cross(self, *, release: bool = False) -> np.ndarray:
+        """E[r x^T] per group (`release` as for `hessian`)."""
         self._products()
         assert self.sum_rx is not None
-        return self.sum_rx / max(self.rows, 1)
+        if not release:
+            return self.sum_rx / max(self.rows, 1)
+        out, self.sum_rx = self.sum_rx, None
+        out /= max(self.rows, 1)
+        return out
 
 
 def collect_paired(

@@ -221,9 +221,10 @@ class FAQPass(Pass):
         fix = np.zeros(n_rows)
         forced = 0
         scale = _row_scale(w, n_rows)
-        hessians = stats.hessian() if self.compensate else None
         paired = isinstance(stats, PairedStats)
-        cross = stats.cross() if paired else None
+        # a sequential layer's stats are its own and dropped after this: take their sums in place
+        hessians = stats.hessian(release=paired) if self.compensate else None
+        cross = stats.cross(release=True) if paired else None
         for g in range(stats.groups):
             sl = slice(g * per_group, (g + 1) * per_group)
             hessian = hessians[g] if hessians is not None else None
