@@ -45,8 +45,8 @@ from onnx import helper, numpy_helper
 from .data import Dataset, top1
 from .runtime import initializer_bytes, run_batched, session
 
-#: Ops that act on each channel alone (element-wise with scalar constants, pooling): a stacked
-#: input gives a stacked output.
+#: Ops that act on each channel alone (element-wise with constants, which are repeated per trial
+#: where they differ by channel; pooling): a stacked input gives a stacked output.
 CHANNELWISE_OPS = frozenset({
     "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Identity",
     "Softplus", "Softsign", "Elu", "Selu", "Celu", "Erf", "Gelu", "Mish", "Neg", "Abs", "Sqrt", "Exp",
@@ -54,6 +54,8 @@ CHANNELWISE_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow",
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
     "QuantizeLinear", "DequantizeLinear", "Dropout",
+    # the clip pass's masks (passes/clip.py: Greater / Less / Or, then Where)
+    "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Xor", "Not", "Where",
 })
 
 #: Trial-samples per inference batch of a stacked session (K trials x batch rows): measured
@@ -217,6 +219,26 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
         new_inits.append(numpy_helper.from_array(np.concatenate([arr] * k), new))
         return new
 
+    ranks: dict[str, int] = {}
+
+    def channel_tiled(name: str, stacked: str, where: str) -> str:
+        """A constant broadcast against a stacked tensor, repeated k times along the axis that
+        meets the stacked tensor's channel axis (1), where it spans the channels."""
+        if not ranks:  # shapes only when a graph needs them (onnx's shape inference)
+            inferred = onnx.shape_inference.infer_shapes(model)
+            for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+                if vi.type.tensor_type.HasField("shape"):
+                    ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+        if stacked not in ranks:
+            raise Unstackable(f"{where}: the rank of {stacked} is unknown")
+        arr = numpy_helper.to_array(inits[name])
+        axis = arr.ndim - ranks[stacked] + 1  # numpy broadcasting aligns trailing axes
+        if axis < 0 or arr.shape[axis] == 1:
+            return name  # the same for every channel
+        new = f"{name}__chan{len(new_inits)}"
+        new_inits.append(numpy_helper.from_array(np.concatenate([arr] * k, axis=axis), new))
+        return new
+
     def widen_axis0(node: onnx.NodeProto, j: int) -> None:
         """Make a Conv's weight (j = 1) or bias (j = 2) input hold k values along axis 0: the k
         variants of a variable, or k copies of a constant (a float model's bias)."""
@@ -277,13 +299,15 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
             new_nodes += _split_gemm(node, x, k, variable_of, per_trial, producer, new_inits)
             state[node.output[0]] = _STACKED
         elif op in CHANNELWISE_OPS:
-            for i, kind in zip(node.input[1:], kinds[1:]):
-                if kind == _STACKED:
-                    continue
-                if kind == _SHARED or i not in inits or _size(inits[i]) != 1:
-                    raise Unstackable(f"{node.name} ({op}): a stacked input beside a non-scalar {i}")
             if x != _STACKED:
                 raise Unstackable(f"{node.name} ({op}): a stacked tensor beside a shared first input")
+            for j, (i, kind) in enumerate(zip(node.input[1:], kinds[1:]), 1):
+                if kind == _STACKED or not i:
+                    continue
+                if kind == _SHARED or i not in inits:
+                    raise Unstackable(f"{node.name} ({op}): a stacked input beside the non-constant {i}")
+                if _size(inits[i]) != 1:  # e.g. the clip pass's per-element thresholds
+                    node.input[j] = channel_tiled(i, node.input[0], node.name)
             new_nodes.append(node)
             for o in node.output:
                 state[o] = _STACKED

@@ -35,9 +35,21 @@ def _variants(values: dict[str, np.ndarray], count: int, seed: int) -> list[dict
     return out
 
 
-@pytest.mark.parametrize("which", ["int8_plain", "int8_residual"])
+@pytest.fixture(scope="module")
+def int8_clipped(residual_cnn, digits_calib_npz, tmp_path_factory):
+    """The residual CNN through the clip pass (Greater / Less / Or / Where masks, scalar and
+    per-element thresholds) and quantization: what apply's campaigns run on."""
+    from conftest import quantize_zoo_model
+
+    return quantize_zoo_model(residual_cnn, digits_calib_npz, tmp_path_factory.mktemp("clip") / "clipped.onnx", clip=True)
+
+
+@pytest.mark.parametrize("which", ["int8_plain", "int8_residual", "int8_clipped"])
 def test_stacked_trials_compute_what_one_session_per_trial_computes(which, request, digits_test_npz):
     model = onnx.load(str(request.getfixturevalue(which)))
+    if which == "int8_clipped":  # per-element thresholds are repeated per trial, not refused
+        inits = {t.name: t for t in model.graph.initializer}
+        assert any(n.op_type == "Greater" and len(inits[n.input[1]].dims) > 1 for n in model.graph.node if n.input[1] in inits)
     data = load_npz(digits_test_npz, model)
     table = qdq_weights(model)
     names = [w.name for w in table] + [w.bias for w in table if w.bias]
