@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,21 @@ from harden.data import Dataset  # noqa: E402
 from harden.faultmap import generate_uniform  # noqa: E402
 from harden.model import load_model  # noqa: E402
 from harden.options import ApplyOptions  # noqa: E402
-from harden.pipeline import build_shared, harden_for_chip  # noqa: E402
+from harden.pipeline import Shared, build_shared, harden_for_chip  # noqa: E402
+
+
+def shared_models(kinds: str) -> Iterator[tuple[str, Shared]]:
+    """(kind, the chip-independent work) for each comma-separated kind: the zoo's model (trained,
+    or reused from HARDEN_ZOO_DIR), calibrated on the calibration split, scored on the test split."""
+    zoo_dir = Path(os.environ.get("HARDEN_ZOO_DIR") or tempfile.mkdtemp(prefix="harden-zoo-"))
+    d = zoo.digits_splits()
+    for kind in kinds.split(","):
+        arch = kind in zoo.ARCHITECTURES
+        model = zoo.train_arch(kind, zoo_dir) if arch else zoo.train_digits_cnn(kind, zoo_dir)
+        x = (lambda s: zoo.arch_inputs(kind, d["x_" + s])) if arch else (lambda s: np.array(d["x_" + s]))
+        calib = Dataset({"input": x("calib")}, np.array(d["y_calib"]))
+        evald = Dataset({"input": x("test")}, np.array(d["y_test"]))
+        yield kind, build_shared(load_model(model), calib, evald, ApplyOptions(trials=0, clip=False), lambda s: None)
 
 
 def main() -> None:
@@ -40,16 +55,8 @@ def main() -> None:
     ap.add_argument("--rates", default="0.04,0.15")
     ap.add_argument("--kinds", default="vit,mobilenetv2,bert,residual")
     args = ap.parse_args()
-    zoo_dir = Path(os.environ.get("HARDEN_ZOO_DIR") or tempfile.mkdtemp(prefix="harden-zoo-"))
-    d = zoo.digits_splits()
     rows = []
-    for kind in args.kinds.split(","):
-        arch = kind in zoo.ARCHITECTURES
-        model = zoo.train_arch(kind, zoo_dir) if arch else zoo.train_digits_cnn(kind, zoo_dir)
-        x = (lambda s: zoo.arch_inputs(kind, d["x_" + s])) if arch else (lambda s: np.array(d["x_" + s]))
-        calib = Dataset({"input": x("calib")}, np.array(d["y_calib"]))
-        evald = Dataset({"input": x("test")}, np.array(d["y_test"]))
-        shared = build_shared(load_model(model), calib, evald, ApplyOptions(trials=0, clip=False), lambda s: None)
+    for kind, shared in shared_models(args.kinds):
         for rate in (float(r) for r in args.rates.split(",")):
             for sequential in (True, False):
                 opts = ApplyOptions(trials=0, clip=False, sequential=sequential)

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from unittest import mock
@@ -34,16 +32,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-import zoo  # noqa: E402
+from bench_architectures import shared_models  # noqa: E402
 
 import harden.passes.faq as faq_pass  # noqa: E402
 import harden.pipeline as pipeline  # noqa: E402
 from harden import compensate  # noqa: E402
-from harden.data import Dataset  # noqa: E402
 from harden.faq_table import faq_remap  # noqa: E402
 from harden.faultmap import generate_uniform, read_back  # noqa: E402
-from harden.model import load_model  # noqa: E402
 from harden.options import ApplyOptions  # noqa: E402
 
 VARIANTS = ("default", "no-sign", "gptq", "gptq-act", "obs+gptq", "obs+gptq-act")
@@ -101,16 +98,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="vit,bert")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
-    zoo_dir = Path(os.environ.get("HARDEN_ZOO_DIR") or tempfile.mkdtemp(prefix="harden-zoo-"))
-    d = zoo.digits_splits()
     rows = []
-    for kind in args.kinds.split(","):
-        arch = kind in zoo.ARCHITECTURES
-        model = zoo.train_arch(kind, zoo_dir) if arch else zoo.train_digits_cnn(kind, zoo_dir)
-        x = (lambda s: zoo.arch_inputs(kind, d["x_" + s])) if arch else (lambda s: np.array(d["x_" + s]))
-        calib = Dataset({"input": x("calib")}, np.array(d["y_calib"]))
-        evald = Dataset({"input": x("test")}, np.array(d["y_test"]))
-        shared = pipeline.build_shared(load_model(model), calib, evald, ApplyOptions(trials=0, clip=False), lambda s: None)
+    for kind, shared in shared_models(args.kinds):
         for rate in (float(r) for r in args.rates.split(",")):
             for variant in args.variants.split(","):
                 opts = ApplyOptions(trials=0, clip=False, sign_choice=variant != "no-sign")
