@@ -72,7 +72,7 @@ def _targets(w: QWeight, codes: np.ndarray, float_weight: np.ndarray | None) -> 
 
 
 def _channel_shaped(w: QWeight, per_channel: np.ndarray) -> np.ndarray:
-    """A per-output-channel vector shaped to broadcast against the weight tensor."""
+    """A per-output-channel vector (or a single value) shaped to broadcast against the weight."""
     if per_channel.size == 1:
         return per_channel.reshape(())
     shape = [1] * len(w.shape)
@@ -157,7 +157,7 @@ class FAQPass(Pass):
             if self.sequential:
                 stats[w.name] = None  # used: free its d x d sums (ResNet-50 peaked at 4.2 GB holding all)
             set_initializer(model, w.name, codes)
-            sign = np.ones(w.scale.size)
+            sign = np.ones(1)  # per output channel when some are stored negated
             if negated is not None:  # before the next stage's statistics read this model
                 sign = np.where(negated, -1.0, 1.0)
                 for name in signable[w.name]:
@@ -217,7 +217,7 @@ class FAQPass(Pass):
         n_rows = t_rows.shape[0]
         per_group = n_rows // stats.groups
         codes_rows = np.empty(t_rows.shape, np.int8)
-        signed = np.ones(t_rows.shape, np.float64)  # -1 on rows stored negated
+        signed = np.ones((n_rows, 1))  # -1 on rows stored negated
         fix = np.zeros(n_rows)
         forced = 0
         scale = _row_scale(w, n_rows)
