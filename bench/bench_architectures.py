@@ -49,6 +49,20 @@ def shared_models(kinds: str) -> Iterator[tuple[str, Shared]]:
         yield kind, build_shared(load_model(model), calib, evald, ApplyOptions(trials=0, clip=False), lambda s: None)
 
 
+def chip_figures(shared: Shared, rate: float, opts: ApplyOptions, chips: int) -> dict:
+    """Hardened with `opts` for `chips` uniform stuck-at chips (seeds 100..): the mean
+    accuracies, recovery = (hardened - int8 on chip) / (int8 - int8 on chip), the gap int8 -
+    hardened in points, and seconds per chip."""
+    acc, t0 = [], time.perf_counter()
+    for seed in range(100, 100 + chips):
+        acc.append(harden_for_chip(shared, generate_uniform(shared.num_words, rate, seed), opts, host_check=False)[2]["accuracy"])
+    secs = (time.perf_counter() - t0) / chips
+    int8, chip, hard = (float(np.mean([a[k] for a in acc])) for k in ("int8", "int8_on_chip", "hardened_on_chip"))
+    return {"chips": chips, "int8": round(int8, 4), "int8_on_chip": round(chip, 4), "hardened_on_chip": round(hard, 4),
+            "recovery": round((hard - chip) / (int8 - chip), 4), "gap_points": round(100 * (int8 - hard), 2),
+            "seconds_per_chip": round(secs, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chips", type=int, default=3)
@@ -60,18 +74,12 @@ def main() -> None:
         for rate in (float(r) for r in args.rates.split(",")):
             for sequential in (True, False):
                 opts = ApplyOptions(trials=0, clip=False, sequential=sequential)
-                acc, t0 = [], time.perf_counter()
-                for seed in range(100, 100 + args.chips):
-                    acc.append(harden_for_chip(shared, generate_uniform(shared.num_words, rate, seed), opts, host_check=False)[2]["accuracy"])
-                secs = (time.perf_counter() - t0) / args.chips
-                int8, chip, hard = (float(np.mean([a[k] for a in acc])) for k in ("int8", "int8_on_chip", "hardened_on_chip"))
-                row = {"model": kind, "weights": shared.num_words, "rate": rate, "sequential": sequential, "chips": args.chips,
-                       "int8": round(int8, 4), "int8_on_chip": round(chip, 4), "hardened_on_chip": round(hard, 4),
-                       "recovery": round((hard - chip) / (int8 - chip), 4), "gap_points": round(100 * (int8 - hard), 2),
-                       "seconds_per_chip": round(secs, 2)}
+                row = {"model": kind, "weights": shared.num_words, "rate": rate, "sequential": sequential,
+                       **chip_figures(shared, rate, opts, args.chips)}
                 rows.append(row)
-                print(f"{kind:12s} rate {rate:<5} {'sequential' if sequential else 'joint':10s} int8 {int8:.2%} on chip {chip:.2%} "
-                      f"hardened {hard:.2%} recovery {row['recovery']:.1%} gap {row['gap_points']:+.2f} pts  {secs:.1f} s/chip", flush=True)
+                print(f"{kind:12s} rate {rate:<5} {'sequential' if sequential else 'joint':10s} int8 {row['int8']:.2%} "
+                      f"on chip {row['int8_on_chip']:.2%} hardened {row['hardened_on_chip']:.2%} recovery {row['recovery']:.1%} "
+                      f"gap {row['gap_points']:+.2f} pts  {row['seconds_per_chip']:.1f} s/chip", flush=True)
     out = ROOT / "bench" / "results" / "architectures.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -34,13 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_architectures import shared_models  # noqa: E402
+from bench_architectures import chip_figures, shared_models  # noqa: E402
 
 import harden.passes.faq as faq_pass  # noqa: E402
-import harden.pipeline as pipeline  # noqa: E402
 from harden import compensate  # noqa: E402
 from harden.faq_table import faq_remap  # noqa: E402
-from harden.faultmap import generate_uniform, read_back  # noqa: E402
+from harden.faultmap import read_back  # noqa: E402
 from harden.options import ApplyOptions  # noqa: E402
 
 VARIANTS = ("default", "no-sign", "gptq", "gptq-act", "obs+gptq", "obs+gptq-act")
@@ -104,20 +102,12 @@ def main() -> None:
             for variant in args.variants.split(","):
                 opts = ApplyOptions(trials=0, clip=False, sign_choice=variant != "no-sign")
                 patch = contextlib.nullcontext() if variant in ("default", "no-sign") else gptq_patch(variant)
-                acc, t0 = [], time.perf_counter()
                 with patch:
-                    for seed in range(100, 100 + args.chips):
-                        fm = generate_uniform(shared.num_words, rate, seed)
-                        acc.append(pipeline.harden_for_chip(shared, fm, opts, host_check=False)[2]["accuracy"])
-                secs = (time.perf_counter() - t0) / args.chips
-                int8, chip, hard = (float(np.mean([a[k] for a in acc])) for k in ("int8", "int8_on_chip", "hardened_on_chip"))
-                row = {"model": kind, "rate": rate, "variant": variant, "chips": args.chips, "int8": round(int8, 4),
-                       "int8_on_chip": round(chip, 4), "hardened_on_chip": round(hard, 4),
-                       "recovery": round((hard - chip) / (int8 - chip), 4), "gap_points": round(100 * (int8 - hard), 2),
-                       "seconds_per_chip": round(secs, 2)}
+                    row = {"model": kind, "rate": rate, "variant": variant, **chip_figures(shared, rate, opts, args.chips)}
                 rows.append(row)
-                print(f"{kind:12s} rate {rate:<5} {variant:13s} hardened {hard:.2%} recovery {row['recovery']:.1%} "
-                      f"gap {row['gap_points']:+.2f} pts  {secs:.1f} s/chip", flush=True)
+                print(f"{kind:12s} rate {rate:<5} {variant:13s} hardened {row['hardened_on_chip']:.2%} "
+                      f"recovery {row['recovery']:.1%} gap {row['gap_points']:+.2f} pts  {row['seconds_per_chip']:.1f} s/chip",
+                      flush=True)
     out = ROOT / "bench" / "results" / "compensation_ideas.json"
     out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")
