@@ -365,6 +365,40 @@ def channel_sign_scales(model: onnx.ModelProto, table: list[QWeight] | None = No
     return out
 
 
+def mean_free_tables(model: onnx.ModelProto, table: list[QWeight] | None = None) -> set[str]:
+    """Embedding tables (int8 weights read by Gather) whose looked-up rows reach the rest of the
+    model only through Adds into a LayerNormalization over the embedding axis (BERT's token and
+    position embeddings): adding one value to every element of a row changes nothing the
+    normalization outputs, since it subtracts the mean. FAQ uses that freedom (passes/faq.py).
+    A QuantizeLinear -> DequantizeLinear pair on the way (the QDQ graph's activations) keeps it up
+    to its rounding and its calibrated range, which a shifted row can reach."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    nodes = {n.name: n for n in model.graph.node if n.name}
+
+    def normalized(tensor: str, depth: int = 0) -> bool:
+        users = consumers.get(tensor, [])
+        if tensor in outputs or not users or depth > 8:
+            return False
+        for n in users:
+            if n.op_type in ("Add", "QuantizeLinear", "DequantizeLinear"):
+                if (n.op_type != "Add" and n.input[0] != tensor) or not normalized(n.output[0], depth + 1):
+                    return False
+            elif not (n.op_type == "LayerNormalization" and n.input[0] == tensor and _attrs(n).get("axis", -1) == -1):
+                return False
+        return True
+
+    out = set()
+    for w in qdq_weights(model) if table is None else table:
+        gather = nodes.get(w.node_name)
+        if w.op_type in TABLE_OPS and gather is not None and _attrs(gather).get("axis", 0) == 0 and normalized(gather.output[0]):
+            out.add(w.name)
+    return out
+
+
 def is_qdq_int8(model: onnx.ModelProto) -> bool:
     """True when the model already carries int8 QDQ weights (apply then goes straight to FAQ)."""
     return bool(qdq_weights(model))

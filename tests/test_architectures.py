@@ -16,7 +16,7 @@ from harden.cli import main
 from harden.data import Dataset
 from harden.faultmap import generate_uniform, write_faultmap
 from harden.memory import weight_count
-from harden.model import load_model, qdq_weights
+from harden.model import load_model, mean_free_tables, qdq_weights
 from harden.options import ApplyOptions
 from harden.pipeline import build_shared, harden_for_chip
 
@@ -24,16 +24,15 @@ KINDS = zoo.ARCHITECTURES
 
 #: Recovery = (hardened - int8 on chip) / (int8 - int8 on chip), mean of 3 chips (seeds 100-102),
 #: scored on the held-out test split. Measured (docs/results.md): 0.04: ViT 99.2 %, MobileNetV2
-#: 100.2 %, BERT 96.2 %; 0.15: 98.0 %, 98.9 %, 82.0 %. The BERT's embedding tables take the
-#: faults FAQ cannot feed back (no input statistics for a lookup), so it stays short of the
-#: issue's 85 % at 0.15: its floor here is what it reaches, less a margin.
+#: 100.2 %, BERT 98.8 %; 0.15: 98.0 %, 98.9 %, 86.9 % (the BERT over 6 chips, seeds 100-105:
+#: 82.0 %; its embedding tables take faults no input statistics can feed back).
 RECOVERY_FLOOR = {0.04: {"vit": 0.95, "mobilenetv2": 0.95, "bert": 0.95},
-                  0.15: {"vit": 0.95, "mobilenetv2": 0.95, "bert": 0.78}}
+                  0.15: {"vit": 0.95, "mobilenetv2": 0.95, "bert": 0.85}}
 #: Fault-free hardened accuracy at most this far below plain int8 at 0.04 (stuck-at FAQ codes
 #: agree with the stuck bits, so "fault-free" and "on its chip" read the same codes). Measured:
-#: ViT 0.20, MobileNetV2 -0.10, BERT 1.86 points; the issue asks 0.5. The BERT's figure moves
-#: by chip more than by method: over 6 chips (seeds 100-105) 1.76 with sign choice, 1.51 without.
-FAULT_FREE_GAP = {"vit": 0.005, "mobilenetv2": 0.005, "bert": 0.02}
+#: ViT 0.20, MobileNetV2 -0.10, BERT 0.59 points; the issue asks 0.5. The BERT's figure moves
+#: by chip: over 6 chips (seeds 100-105) 0.93 points.
+FAULT_FREE_GAP = {"vit": 0.005, "mobilenetv2": 0.005, "bert": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +239,21 @@ def test_analog_variability_and_tune_on_bert(tmp_path, arch):
     r = CliRunner().invoke(main, ["tune", str(int8), "--data", str(calib), "-o", str(tmp_path / "tuned.onnx"), "--sigma-chip", "0.1"])
     assert r.exit_code == 0, r.output
     assert "tok.weight_quantized" in r.output and "(32 channels)" in r.output
+
+
+def test_bert_tables_rows_move_freely_under_the_layernorm(arch, monkeypatch):
+    """The BERT's token and position tables reach the model only through an Add into a
+    LayerNormalization, so FAQ may shift a table row by one value (model.mean_free_tables):
+    on one chip at 0.15 rows move, and the hardened model scores higher than without
+    (3 chips: 86.9 % against 82.0 % recovery; 6 chips 82.0 % against 80.6 %)."""
+    import harden.passes.faq as faq_pass
+
+    shared, opts = _shared(*arch["bert"])
+    assert mean_free_tables(shared.plain) == {w.name for w in qdq_weights(shared.plain) if w.op_type == "Gather"}
+    fm = generate_uniform(shared.num_words, 0.15, 100)
+    _, records, res = harden_for_chip(shared, fm, opts, host_check=False)
+    faq = next(r for r in records if r["pass"] == "faq")
+    assert faq["shifted_rows"] > 0
+    monkeypatch.setattr(faq_pass, "mean_free_tables", lambda model, table=None: set())
+    _, _, unshifted = harden_for_chip(shared, fm, opts, host_check=False)
+    assert res["accuracy"]["hardened_on_chip"] > unshifted["accuracy"]["hardened_on_chip"], (res, unshifted)
