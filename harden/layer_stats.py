@@ -34,12 +34,17 @@ class LayerStats:
     def hessian(self, *, release: bool = False) -> np.ndarray:
         """E[x x^T] per group. `release`: the sums are divided in place and handed over (these
         stats no longer hold them), which saves a d x d copy per group on wide layers."""
-        assert self.sum_xx is not None
+        return self._expectation("sum_xx", release)
+
+    def _expectation(self, field: str, release: bool) -> np.ndarray:
+        """The sums in `field` divided by the row count (in place and handed over with `release`)."""
+        sums = getattr(self, field)
+        assert sums is not None
         if not release:
-            return self.sum_xx / max(self.rows, 1)
-        out, self.sum_xx = self.sum_xx, None
-        out /= max(self.rows, 1)
-        return out
+            return sums / max(self.rows, 1)
+        setattr(self, field, None)
+        sums /= max(self.rows, 1)
+        return sums
 
 
 def supported(w: QWeight) -> bool:
@@ -226,12 +231,7 @@ class PairedStats(LayerStats):
     def cross(self, *, release: bool = False) -> np.ndarray:
         """E[r x^T] per group (`release` as for `hessian`)."""
         self._products()
-        assert self.sum_rx is not None
-        if not release:
-            return self.sum_rx / max(self.rows, 1)
-        out, self.sum_rx = self.sum_rx, None
-        out /= max(self.rows, 1)
-        return out
+        return self._expectation("sum_rx", release)
 
 
 def collect_paired(

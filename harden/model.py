@@ -334,6 +334,15 @@ def qdq_weights(model: onnx.ModelProto) -> list[QWeight]:
     return list(table.values())
 
 
+def consumers_of(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it (once per input slot), in graph order."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    return consumers
+
+
 def row_axis(w: QWeight) -> int:
     """The weight axis that holds its output channels (a Gemm without transB, a MatMul: 1)."""
     return 0 if w.op_type in ("Conv", "ConvTranspose") or (w.op_type == "Gemm" and w.attrs.get("transB", 0)) else 1
@@ -347,10 +356,7 @@ def channel_sign_scales(model: onnx.ModelProto, table: list[QWeight] | None = No
     and a bias (if any) scaled per channel too. The scales then differ from chip to chip,
     so an evaluator that serves a fleet takes them as values, like the weights
     (simulate.ChipEvaluator)."""
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
+    consumers = consumers_of(model)
     out: dict[str, tuple[str, ...]] = {}
     for w in qdq_weights(model) if table is None else table:
         if w.op_type in TABLE_OPS or w.op_type == "ConvTranspose" or w.scale.size < 2 or w.axis != row_axis(w):
@@ -360,7 +366,7 @@ def channel_sign_scales(model: onnx.ModelProto, table: list[QWeight] | None = No
             if w.bias_scale is None or w.bias_scale.size != w.scale.size or not w.bias_scale_name:
                 continue
             names += (w.bias_scale_name,)
-        if all(uses.get(n, 0) == 1 for n in names):
+        if all(len(consumers.get(n, [])) == 1 for n in names):
             out[w.name] = names
     return out
 
@@ -372,10 +378,7 @@ def mean_free_tables(model: onnx.ModelProto, table: list[QWeight] | None = None)
     normalization outputs, since it subtracts the mean. FAQ uses that freedom (passes/faq.py).
     A QuantizeLinear -> DequantizeLinear pair on the way (the QDQ graph's activations) keeps it up
     to its rounding and its calibrated range, which a shifted row can reach."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = consumers_of(model)
     outputs = {o.name for o in model.graph.output}
     nodes = {n.name: n for n in model.graph.node if n.name}
 

@@ -43,6 +43,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .data import Dataset, top1
+from .model import consumers_of
 from .runtime import initializer_bytes, run_batched, session
 
 #: Ops that act on each channel alone (element-wise with constants, which are repeated per trial
@@ -185,10 +186,7 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
     if not g.output:
         raise Unstackable("no output")
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = consumers_of(m)
     producer = {o: node for node in g.node for o in node.output}
     state: dict[str, str] = {i.name: _SHARED for i in g.input if i.name not in inits}
     for name in inits:
