@@ -344,22 +344,25 @@ def consumers_of(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def row_axis(w: QWeight) -> int:
-    """The weight axis that holds its output channels (a Gemm without transB, a MatMul: 1)."""
-    return 0 if w.op_type in ("Conv", "ConvTranspose") or (w.op_type == "Gemm" and w.attrs.get("transB", 0)) else 1
+    """The weight axis that holds its output channels (a Gemm without transB, a MatMul: 1; an
+    embedding table: its rows, the vectors a lookup reads)."""
+    conv_like = w.op_type in ("Conv", "ConvTranspose") or w.op_type in TABLE_OPS
+    return 0 if conv_like or (w.op_type == "Gemm" and w.attrs.get("transB", 0)) else 1
 
 
 def channel_sign_scales(model: onnx.ModelProto, table: list[QWeight] | None = None) -> dict[str, tuple[str, ...]]:
     """Per weight whose output channels FAQ may store negated (passes/faq.py, sign choice):
     the scale initializers a negated channel negates, its own and its int32 bias's.
 
-    Those weights have one scale per output channel along that axis, read by no other node,
-    and a bias (if any) scaled per channel too. The scales then differ from chip to chip,
+    Those weights have one scale per output channel along that axis (an embedding table: per
+    row, passes/quantize.per_row_table_scales), read by no other node, and a bias (if any)
+    scaled per channel too. The scales then differ from chip to chip,
     so an evaluator that serves a fleet takes them as values, like the weights
     (simulate.ChipEvaluator)."""
     consumers = consumers_of(model)
     out: dict[str, tuple[str, ...]] = {}
     for w in qdq_weights(model) if table is None else table:
-        if w.op_type in TABLE_OPS or w.op_type == "ConvTranspose" or w.scale.size < 2 or w.axis != row_axis(w):
+        if w.op_type == "ConvTranspose" or w.scale.size < 2 or w.axis != row_axis(w):
             continue
         names: tuple[str, ...] = (w.scale_name,)
         if w.bias is not None:

@@ -200,6 +200,14 @@ def _scaled_dq(model: onnx.ModelProto, node: onnx.NodeProto, gain: np.ndarray, a
     zp_name = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
     zp = get_initializer(model, zp_name) if zp_name else None
     attr_axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % ndim if ndim else 0
+    if scale.size > 1 and not (scale.size == gain.size and attr_axis == axis) and np.all(scale == scale.flat[0]) \
+            and (zp is None or np.all(zp == zp.flat[0])):
+        # one value along another axis (an embedding table's per-row scale, quantize.per_row_table_scales):
+        # per tensor in all but shape
+        scale = scale.reshape(-1)[:1].reshape(())
+        if zp is not None:
+            zp = zp.reshape(-1)[:1].reshape(())
+            _set_array(model, node, 2, zp, "_harden_tuned")
     if gain.ndim == 0:
         new_scale = (scale * gain).astype(np.float32)
     elif scale.size == gain.size and scale.ndim == 1 and attr_axis == axis:

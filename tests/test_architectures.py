@@ -24,15 +24,15 @@ KINDS = zoo.ARCHITECTURES
 
 #: Recovery = (hardened - int8 on chip) / (int8 - int8 on chip), mean of 3 chips (seeds 100-102),
 #: scored on the held-out test split. Measured (docs/results.md): 0.04: ViT 99.2 %, MobileNetV2
-#: 100.2 %, BERT 98.8 %; 0.15: 98.0 %, 98.9 %, 86.9 % (the BERT over 6 chips, seeds 100-105:
-#: 82.0 %; its embedding tables take faults no input statistics can feed back).
+#: 100.2 %, BERT 102.0 %; 0.15: 98.0 %, 98.9 %, 88.4 % (the BERT over 6 chips, seeds 100-105:
+#: 86.8 %; its embedding tables take faults no input statistics can feed back).
 RECOVERY_FLOOR = {0.04: {"vit": 0.95, "mobilenetv2": 0.95, "bert": 0.95},
                   0.15: {"vit": 0.95, "mobilenetv2": 0.95, "bert": 0.85}}
 #: Fault-free hardened accuracy at most this far below plain int8 at 0.04 (stuck-at FAQ codes
 #: agree with the stuck bits, so "fault-free" and "on its chip" read the same codes). Measured:
-#: ViT 0.20, MobileNetV2 -0.10, BERT 0.59 points; the issue asks 0.5. The BERT's figure moves
-#: by chip: over 6 chips (seeds 100-105) 0.93 points.
-FAULT_FREE_GAP = {"vit": 0.005, "mobilenetv2": 0.005, "bert": 0.01}
+#: ViT 0.20, MobileNetV2 -0.10, BERT -0.98 points; the issue asks 0.5. The BERT's figure moves
+#: by chip (-1.8 to +2.6 points): over 12 chips (seeds 100-111) -0.10 points.
+FAULT_FREE_GAP = {"vit": 0.005, "mobilenetv2": 0.005, "bert": 0.005}
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,8 @@ def test_bert_tables_rows_move_freely_under_the_layernorm(arch, monkeypatch):
     """The BERT's token and position tables reach the model only through an Add into a
     LayerNormalization, so FAQ may shift a table row by one value (model.mean_free_tables):
     on one chip at 0.15 rows move, and the hardened model scores higher than without
-    (3 chips: 86.9 % against 82.0 % recovery; 6 chips 82.0 % against 80.6 %)."""
+    (before the tables' sign choice, 3 chips: 86.9 % against 82.0 % recovery; 6 chips 82.0 %
+    against 80.6 %)."""
     import harden.passes.faq as faq_pass
 
     shared, opts = _shared(*arch["bert"])
@@ -257,3 +258,41 @@ def test_bert_tables_rows_move_freely_under_the_layernorm(arch, monkeypatch):
     monkeypatch.setattr(faq_pass, "mean_free_tables", lambda model, table=None: set())
     _, _, unshifted = harden_for_chip(shared, fm, opts, host_check=False)
     assert res["accuracy"]["hardened_on_chip"] > unshifted["accuracy"]["hardened_on_chip"], (res, unshifted)
+
+
+def test_bert_table_rows_stored_negated(arch, monkeypatch):
+    """An embedding table's DequantizeLinear holds its scale once per row (quantize's
+    per_row_table_scales, the same arithmetic), so FAQ may store a row negated under a negated
+    scale. On one chip at 0.15: rows are negated, only the signs of their scales move, a fleet's
+    evaluator of the plain graph scores what the hardened graph does, and the hardened model
+    scores higher than without the choice (3 chips 88.4 % against 86.9 % recovery at 0.15)."""
+    import harden.passes.faq as faq_pass
+    from harden.arithmetic import TOLERANCE
+    from harden.data import top1
+    from harden.model import channel_sign_scales, get_initializer
+    from harden.simulate import ChipEvaluator, model_values
+
+    shared, opts = _shared(*arch["bert"])
+    tables = [w for w in qdq_weights(shared.plain) if w.op_type == "Gather"]
+    assert all(w.scale.shape == (w.shape[0],) and w.axis == 0 for w in tables)
+    signable = channel_sign_scales(shared.plain)
+    assert {w.name for w in tables} <= set(signable)
+    fm = generate_uniform(shared.num_words, 0.15, 100)
+    out, records, res = harden_for_chip(shared, fm, opts, host_check=False)
+    faq = next(r for r in records if r["pass"] == "faq")
+    negated_rows = 0
+    for w in tables:
+        scale = get_initializer(out, w.scale_name)
+        assert np.array_equal(np.abs(scale), w.scale)
+        negated_rows += int((scale < 0).sum())
+    assert negated_rows > 0 and faq["negated_channels"] >= negated_rows
+    data, ref = shared.evald, shared.reference()[1]
+    for strategy in ("rebuild", "feed"):
+        own = ChipEvaluator(out, data, ref, strategy=strategy)
+        fleet = ChipEvaluator(shared.plain, data, ref, strategy=strategy)
+        agree = np.mean(top1(fleet.logits(model_values(out, fleet.names))) == top1(own.logits()))
+        assert agree >= 1 - TOLERANCE["accuracy_samples"] / len(data), strategy
+    no_tables = {n: v for n, v in signable.items() if n not in {w.name for w in tables}}
+    monkeypatch.setattr(faq_pass, "channel_sign_scales", lambda model, table=None: no_tables)
+    _, _, unsigned = harden_for_chip(shared, fm, opts, host_check=False)
+    assert res["accuracy"]["hardened_on_chip"] > unsigned["accuracy"]["hardened_on_chip"], (res, unsigned)

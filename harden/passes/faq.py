@@ -26,7 +26,7 @@ from ..faq_table import FAQTable, faq_remap, pattern_keys
 from ..faultmap import FaultMap, read_back
 from ..layer_stats import PairedStats, collect, collect_paired, rows_to_weight, stages, supported, weight_rows
 from ..memory import MemoryMap, as_layout_tensors, get_layout, linear_layout
-from ..model import (QWeight, channel_sign_scales, get_initializer, mean_free_tables, qdq_weights, row_axis, set_initializer,
+from ..model import (TABLE_OPS, QWeight, channel_sign_scales, get_initializer, mean_free_tables, qdq_weights, row_axis, set_initializer,
                      set_metadata)
 from . import Pass, PassContext, PassResult
 
@@ -156,11 +156,13 @@ class FAQPass(Pass):
                 t1 = time.perf_counter()
                 stats.update(collect_paired(reference, model, stage_list[stage_of[w.name]], calib))
                 t_stage += time.perf_counter() - t1
-            codes, forced, bias_fix, negated = self._remap_tensor(w, targets, plain, s0, s1, table, stats.get(w.name),
-                                                                  w.name in signable)
             shifted = 0
-            if w.name in mean_free:
-                codes, shifted = _mean_free_rows(targets, codes, s0, s1, table)
+            if w.op_type in TABLE_OPS and self.compensate:
+                codes, negated, shifted = _table_rows(targets, plain, s0, s1, table, w.name in mean_free, w.name in signable)
+                forced, bias_fix = 0, None
+            else:
+                codes, forced, bias_fix, negated = self._remap_tensor(w, targets, plain, s0, s1, table, stats.get(w.name),
+                                                                      w.name in signable)
             if self.sequential:
                 stats[w.name] = None  # used: free its d x d sums (ResNet-50 peaked at 4.2 GB holding all)
             set_initializer(model, w.name, codes)
@@ -276,6 +278,41 @@ def _sign_choice(rows, codes, forced, s0, s1, table, hessian, aim):
     return np.where(neg[:, None], codes_n, codes), np.where(neg, -1.0, 1.0)[:, None], np.where(neg, forced_n, forced)
 
 
+def _table_rows(targets, plain, s0, s1, table, mean_free: bool, signs: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Codes for an embedding table, row by row (a lookup has no input statistics to feed an
+    error back onto). A row with a faulty word is remapped as it is and, with `signs` (its
+    scale is its own: quantize.per_row_table_scales), negated under a negated scale; with
+    `mean_free` (a LayerNorm follows: model.mean_free_tables) also shifted by a common value c,
+    which the normalization removes, c chosen to minimise the read-back error with its mean
+    removed. A stuck bit then costs only what the rest of its row cannot follow. Each row keeps
+    the candidate with the least error. Returns (codes, rows stored negated or None, rows
+    shifted)."""
+    t = targets.reshape(targets.shape[0], -1).astype(np.float64)
+    a0, a1 = s0.reshape(t.shape), s1.reshape(t.shape)
+    rows = np.flatnonzero(((a0 | a1) != 0).any(axis=1))
+    out = plain.reshape(t.shape).copy()
+    if rows.size == 0:
+        return plain, None, 0
+    t, a0, a1, healthy = t[rows], a0[rows], a1[rows], out[rows]
+    faulty = (a0 | a1) != 0
+    best = None
+    for sign in (1.0, -1.0) if signs else (1.0,):
+        # healthy words keep the quantizer's codes (negated: clipped to int8's range)
+        start = healthy if sign > 0 else np.clip(-healthy.astype(np.int16), -128, 127).astype(np.int8)
+        faq = faq_remap((sign * t).ravel(), a0.ravel(), a1.ravel(), table).reshape(t.shape)
+        q, cost, c = _shifted_rows(sign * t, np.where(faulty, faq, start), a0, a1, table, mean_free)
+        if best is None:
+            best = (q, cost, c, np.zeros(rows.size, bool))
+        else:
+            take = cost < best[1]
+            best = (np.where(take[:, None], q, best[0]), np.where(take, cost, best[1]), np.where(take, c, best[2]), take)
+    q, _, c, negated = best
+    out[rows] = q
+    neg = np.zeros(out.shape[0], bool)
+    neg[rows] = negated
+    return out.reshape(plain.shape), (neg if neg.any() else None), int(np.count_nonzero(c))
+
+
 #: Shifts tried for a mean-free table row, in code units: every integer in [-16, 16], then
 #: eighths of a step around the best. On the BERT's tables (3 chips, 0.15) +-4 recovered 84.0 %,
 #: +-16 86.5 %, +-32 86.8 % (docs/results.md); the smaller span keeps shifted rows further from
@@ -284,35 +321,30 @@ SHIFT_COARSE = np.arange(-16.0, 17.0)
 SHIFT_FINE = np.arange(-7, 8) / 8.0
 
 
-def _mean_free_rows(targets, codes, s0, s1, table) -> tuple[np.ndarray, int]:
-    """Codes for an embedding table whose rows only matter up to a common shift (a LayerNorm
-    follows; model.mean_free_tables): per row with a faulty word, FAQ on the row shifted by c,
-    c chosen to minimise the read-back error with its mean removed. A stuck bit then costs only
-    what the other weights of its row cannot follow. Returns the codes and how many rows moved."""
-    t = targets.reshape(targets.shape[0], -1).astype(np.float64)
-    a0, a1 = s0.reshape(t.shape), s1.reshape(t.shape)
-    rows = np.flatnonzero(((a0 | a1) != 0).any(axis=1))
-    out = codes.reshape(t.shape).copy()
-    if rows.size == 0:
-        return codes, 0
-    t, a0, a1 = t[rows], a0[rows], a1[rows]
+def _shifted_rows(t, codes, a0, a1, table, mean_free: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows `t` (code units) read back through stuck bits `a0`/`a1`: the codes (from `codes`,
+    or FAQ on t + c when `mean_free` and a shift c reads back better), the squared read-back
+    error of each (about its mean when `mean_free`) and the shift c chosen."""
 
-    def centred_error(q: np.ndarray) -> np.ndarray:
+    def error(q: np.ndarray) -> np.ndarray:
         err = read_back(q, a0, a1).astype(np.float64) - t
-        return ((err - err.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        if mean_free:
+            err = err - err.mean(axis=1, keepdims=True)
+        return (err**2).sum(axis=1)
 
-    best_q, best_cost, best_c = out[rows], centred_error(out[rows]), np.zeros(rows.size)
+    best_q, best_cost, best_c = codes.copy(), error(codes), np.zeros(t.shape[0])
+    if not mean_free:
+        return best_q, best_cost, best_c
 
     def consider(shifts: np.ndarray) -> None:
         q = faq_remap((t + shifts[:, None]).ravel(), a0.ravel(), a1.ravel(), table).reshape(t.shape)
-        cost = centred_error(q)
+        cost = error(q)
         better = cost < best_cost
         best_q[better], best_cost[better], best_c[better] = q[better], cost[better], shifts[better]
 
     for c in SHIFT_COARSE[SHIFT_COARSE != 0]:
-        consider(np.full(rows.size, c))
+        consider(np.full(t.shape[0], c))
     centre = best_c.copy()
     for f in SHIFT_FINE[SHIFT_FINE != 0]:
         consider(centre + f)
-    out[rows] = best_q
-    return out.reshape(codes.shape), int(np.count_nonzero(best_c))
+    return best_q, best_cost, best_c

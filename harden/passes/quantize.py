@@ -101,6 +101,7 @@ class QuantizePass(Pass):
         finally:
             root.setLevel(level)
         ctx.float_weights.update(_float_weights_by_int8(model, qmodel))
+        per_row_table_scales(qmodel)
         table = qdq_weights(qmodel)
         if not table:
             raise InputError("quantization produced no int8 weights (no quantizable Conv/Gemm/MatMul/Gather)")
@@ -120,12 +121,47 @@ class QuantizePass(Pass):
 def _table_overrides(model: onnx.ModelProto) -> dict[str, list[dict]]:
     """Embedding tables (Gather from a 2-D float initializer) as symmetric int8, like every other
     weight in weight memory: onnxruntime's quantizer would otherwise make them per-tensor
-    asymmetric uint8. Per tensor, not per row: the Gather's output shares the table's
-    quantization parameters in onnxruntime's QDQ graph, so a per-row scale cannot follow it."""
+    asymmetric uint8. Per tensor: the Gather's output is quantized with the table's scale in
+    onnxruntime's QDQ graph (per_row_table_scales then gives the table's own DequantizeLinear
+    that scale once per row)."""
     from onnxruntime.quantization import QuantType
 
     tables = {weight_input(n) for n in model.graph.node if n.op_type in TABLE_OPS}
     return {name: [{"quant_type": QuantType.QInt8, "symmetric": True}] for name in float_weight_names(model) if name in tables}
+
+
+def per_row_table_scales(model: onnx.ModelProto) -> int:
+    """Give each int8 embedding table's DequantizeLinear its per-tensor scale once per row
+    (axis 0), as its own initializers: the same arithmetic (every row's scale is the tensor's,
+    and the Gather's output keeps its own QuantizeLinear), but a row's scale can then be
+    negated alone, which FAQ's sign choice does for a row whose stuck sign bits disagree with
+    its weights. Returns how many tables changed."""
+    inits = initializer_map(model)
+    used = [i for n in model.graph.node for i in n.input]
+    changed = 0
+    for w in qdq_weights(model):
+        dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == w.name)
+        if w.op_type not in TABLE_OPS or w.scale.size != 1 or len(w.shape) != 2:
+            continue
+        rows = w.shape[0]
+        scale = np.full(rows, w.scale.reshape(()), np.float32)
+        new = [numpy_helper.from_array(scale, f"{w.name}_row_scale")]
+        dq.input[1] = new[0].name
+        if len(dq.input) > 2 and dq.input[2]:
+            zp_dtype = numpy_helper.to_array(inits[dq.input[2]]).dtype
+            new.append(numpy_helper.from_array(np.zeros(rows, zp_dtype), f"{w.name}_row_zero_point"))
+            dq.input[2] = new[1].name
+        model.graph.initializer.extend(new)
+        for a in list(dq.attribute):
+            if a.name == "axis":
+                dq.attribute.remove(a)
+        dq.attribute.append(onnx.helper.make_attribute("axis", 0))
+        changed += 1
+    still_used = {i for n in model.graph.node for i in n.input}
+    dead = [t for t in model.graph.initializer if t.name in set(used) and t.name not in still_used]
+    for t in dead:
+        model.graph.initializer.remove(t)
+    return changed
 
 
 def _float_weights_by_int8(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
