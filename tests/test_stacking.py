@@ -101,13 +101,31 @@ def test_campaign_figures_do_not_depend_on_how_trials_are_grouped(int8_residual,
     whole = c.run_point(0, CampaignOptions(trials=planned, seed=5)).accuracy
     blocks = [r.accuracy for a, b in ((0, 5), (5, k + 2), (k + 2, planned)) for r in c.run_trials(0, a, b, planned)]
     assert np.array_equal(whole, blocks)
-    assert c.run_trial(0, k + 1).accuracy == whole[k + 1]  # a full group: k wide either way
+    assert c.stack_of(0, planned) == -(-planned // 3) < k  # 3 groups of one width, not k + k + 3
+    assert c.run_trial(0, k + 1).accuracy == whole[k + 1]  # alone, in a k-wide group: the same products
     rebuilt = Campaign(model, data, points, seed=5,
                        evaluator=ChipEvaluator(model, data, Reference(data.labels, "labels"), strategy="rebuild"))
     assert rebuilt.stack_of(0) == 1
     ref = rebuilt.run_point(0, CampaignOptions(trials=2 * k + 3, seed=5)).accuracy
     assert np.max(np.abs(ref - whole)) <= 1 / len(data) + 1e-12
     assert np.std(whole) > 0  # the trials differ
+
+
+def test_a_point_runs_on_one_widened_graph(int8_residual, digits_test_npz):
+    """The trials of a point are shared out in groups of one width (group_width), the last one
+    padded with clean slots: one widened graph per point, however many trials it plans."""
+    from harden.campaign.engine import group_width
+
+    assert [group_width(32, n) for n in (1, 5, 32, 33, 100, 130)] == [1, 5, 32, 17, 25, 26]
+    assert [group_width(1, n) for n in (1, 100)] == [1, 1]
+    model = onnx.load(str(int8_residual))
+    data = load_npz(digits_test_npz, model)
+    c = Campaign(model, data, parse_fault_spec("bitflip:1e-2"), seed=5)
+    k = c.stack_of(0)
+    planned = 2 * k + 5
+    c.run_point(0, CampaignOptions(trials=planned, seed=5))
+    # the k-wide layout is widened when the sessions are set up (to refuse an unstackable graph early)
+    assert set(c.evaluator.stacked._layouts) - {k} == {c.stack_of(0, planned)}
 
 
 def test_aligned_spans_never_split_a_group():

@@ -173,32 +173,35 @@ class Campaign(RecordsMixin):
     def run_trial(self, point: int, trial: int) -> TrialResult:
         return self.run_trials(point, trial, trial + 1)[0]
 
-    def stack_of(self, point: int) -> int:
-        """How many trials of `point` one inference pass runs (the session's `stack`)."""
-        return max(1, int(self.session(self.points[point].space_kind)[0].stack))
+    def stack_of(self, point: int, planned: int | None = None) -> int:
+        """How many trials of `point` one inference pass runs: the session's `stack` k, or, for
+        a point of `planned` trials, the width of its groups (group_width: as few groups as k
+        allows, all of one width)."""
+        k = max(1, int(self.session(self.points[point].space_kind)[0].stack))
+        return k if planned is None else group_width(k, planned)
 
     def run_trials(self, point: int, start: int, stop: int, planned: int | None = None) -> list[TrialResult]:
-        """Trials [start, stop) of `point`, in order. A session that runs k trials per pass
-        (stacking.py) gets them in groups aligned to k from trial 0, trial t at position t % k,
-        each group as wide as k or, for the last group of the point's `planned` trials, as
-        what is left (slots outside [start, stop) run clean). The pass a trial runs in is thus
-        fixed by (t, planned) alone: a trial's figures never depend on which other trials a
-        caller asked for, nor on how workers shared them out. Without `planned` (one trial
-        asked for alone) a group is k wide."""
+        """Trials [start, stop) of `point`, in order. A session that runs several trials per
+        pass (stacking.py) gets them in groups of `stack_of(point, planned)` from trial 0, trial
+        t at position t % width, every group that wide (slots outside [start, stop) run clean),
+        so that one widened graph serves the point. The pass a trial runs in is thus fixed by
+        (t, planned) alone: a trial's figures never depend on which other trials a caller
+        asked for, nor on how workers shared them out. Without `planned` (one trial asked for
+        alone) a group is the session's k wide."""
         ses, base = self.session(self.points[point].space_kind)
-        k = self.stack_of(point)
+        stacked = self.stack_of(point) > 1
+        k = self.stack_of(point, planned)
         rows: list[TrialResult] = []
         a = start - start % k
         while a < stop:
-            width = k if planned is None else max(1, min(k, planned - a))
             trials = range(max(a, start), min(a + k, stop))
             injections = [self.injection(point, t) for t in trials]
-            if k == 1:
+            if not stacked:
                 preds = [ses.predictions(i) if i.tensors else base.clean_pred for i in injections]
             else:
                 lead = trials.start - a
                 slots: list[Injection | None] = [None] * lead + injections
-                slots += [None] * (width - len(slots))
+                slots += [None] * (k - len(slots))
                 preds = ses.predictions_many(slots)[lead:lead + len(injections)]
             rows += [self._trial_result(point, t, i, p, base) for t, i, p in zip(trials, injections, preds)]
             a += k
@@ -216,7 +219,7 @@ class Campaign(RecordsMixin):
 
     def _rows(self, point: int, start: int, planned: int) -> Iterable[TrialResult]:
         """Trials [start, planned) in order, one pass (one group of `stack_of` trials) at a time."""
-        k = self.stack_of(point)
+        k = self.stack_of(point, planned)
         t = start
         while t < planned:
             end = min(planned, (t // k + 1) * k)
@@ -307,6 +310,16 @@ class CampaignRecipe:
         model = onnx.load_model_from_string(self.model)
         ev = ChipEvaluator(model, self.data, Reference(self.reference.target.copy(), self.reference.kind))
         return Campaign(model, self.data, self.points, seed=self.seed, evaluator=ev)
+
+
+def group_width(k: int, planned: int) -> int:
+    """Trials per stacked pass for a point of `planned` trials on sessions of up to `k`: the
+    fewest groups, all of one width (100 trials, k = 32: 4 groups of 25, not 32 + 32 + 32 + 4,
+    whose last group would need a graph of its own, widened and built for 4 trials)."""
+    if k <= 1 or planned <= 1:
+        return max(1, min(k, planned))
+    groups = -(-planned // k)
+    return -(-planned // groups)
 
 
 class TrialExecutor:

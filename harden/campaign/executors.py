@@ -34,7 +34,7 @@ class DaskTrials(TrialExecutor):
                                   key=f"harden-trials-{self.run_id}-{point}-{a}-{b}-{attempt}")
 
     def run(self, campaign: "Campaign", point: int, start: int, stop: int, planned: int) -> list[TrialResult]:
-        spans = aligned_spans(start, stop, 2 * self.parallelism, campaign.stack_of(point))
+        spans = aligned_spans(start, stop, 2 * self.parallelism, campaign.stack_of(point, planned))
         futs = [self._submit(point, a, b, planned, 0) for a, b in spans]
         rows: list[TrialResult] = []
         for (a, b), fut in zip(spans, futs):
