@@ -34,7 +34,7 @@ from .faultmap import FaultMap, read_back
 from .memory import MemoryMap
 from .model import channel_sign_scales, get_initializer, qdq_weights
 from .runtime import VariantSessions, batch_size_for, fixed_batch, run_batched, session
-from .stacking import StackedSessions, stacked_sessions
+from .stacking import CHANNEL_BLOCK, StackedSessions, stacked_sessions
 
 
 def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -109,7 +109,7 @@ class ChipEvaluator:
         """The stacked sessions of the "stack" strategy (built on first use), None when the
         strategy is another or the graph runs one variant per session."""
         if self._stacked is False:
-            self._stacked = stacked_sessions(self._model, self.names)
+            self._stacked = stacked_sessions(self._model, self.names, CHANNEL_BLOCK)
         return self._stacked  # type: ignore[return-value]
 
     @property

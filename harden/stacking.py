@@ -73,6 +73,16 @@ STACK_ROWS = 1024
 MAX_STACK = 64
 STACK_BYTES = 48 << 20
 
+#: Per-trial channel counts of an int8 stacked graph are padded to a multiple of this (zero
+#: filters, zero weights for the padding inputs; the padding channels hold zeros and are dropped
+#: before any op that mixes channels). onnxruntime runs a grouped convolution in its blocked
+#: NCHWc layout only when each group's channels are a multiple of the block (16 with AVX-512, 8
+#: with AVX2): the MobileNetV2's 24-channel 1x1 convolutions fell back to the plain kernel on
+#: this AVX-512 host, the stacked pass 23 % slower per trial than a clean one. Float stacks
+#: (bitflip-fp32) stay unpadded: a NaN in a trial's channel would reach its padding through
+#: zero weights (0 x NaN) and then its real channels where the unpadded graph gave inf.
+CHANNEL_BLOCK = 16
+
 _SHARED, _STACKED, _CONST = "shared", "stacked", "const"
 
 
@@ -92,10 +102,11 @@ class StackedSessions:
     Build with `StackedSessions(model, names, k)`; raises Unstackable when the graph cannot be
     widened (see the module doc)."""
 
-    def __init__(self, model: onnx.ModelProto, names: Iterable[str], k: int):
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str], k: int, pad_to: int = 1):
         if k < 2:
             raise Unstackable("one trial per session")
         self.k = int(k)
+        self.pad_to = int(pad_to)
         self.names = list(names)
         inits = {t.name: t for t in model.graph.initializer}
         missing = [n for n in self.names if n not in inits]
@@ -103,19 +114,20 @@ class StackedSessions:
             raise Unstackable(f"{missing[0]} is not an initializer")
         self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
         self._model = model
-        self._layouts: dict[int, tuple[bytes, list[str], list[str], dict]] = {}
+        self._layouts: dict[int, tuple[bytes, list[str], list[str], dict, dict]] = {}
         self._layout(self.k)  # Unstackable here, not at the first trial
 
-    def _layout(self, width: int) -> tuple[bytes, list[str], list[str], dict]:
+    def _layout(self, width: int) -> tuple[bytes, list[str], list[str], dict, dict]:
         """The `width`-wide graph's bytes (without the variables), the variables it takes
-        concatenated and per trial, and the serialized clean per-trial tensors (a variant that
-        leaves one clean reuses them). A group shorter than k (the last of a point, a point of
+        concatenated and per trial, the serialized clean per-trial tensors (a variant that
+        leaves one clean reuses them) and the padded per-trial shape of the variables whose
+        channels are padded (with the value the padding takes). A group shorter than k (the last of a point, a point of
         one trial) runs on a graph as wide as itself: every trial computes the same products in
         any width, and the width is fixed by the trial indices alone."""
         if width not in self._layouts:
-            graph, concat, per_trial = _widen(self._model, set(self.names), width)
+            graph, concat, per_trial, pads = _widen(self._model, set(self.names), width, self.pad_to)
             clean_parts = {(n, t): initializer_bytes(f"{n}__t{t}", self.clean[n]) for n in per_trial for t in range(width)}
-            self._layouts[width] = (graph.SerializeToString(), concat, per_trial, clean_parts)
+            self._layouts[width] = (graph.SerializeToString(), concat, per_trial, clean_parts, pads)
         return self._layouts[width]
 
     def session_for(self, variants: Sequence[dict[str, np.ndarray] | None]) -> ort.InferenceSession:
@@ -124,10 +136,10 @@ class StackedSessions:
         if not 0 < len(variants) <= self.k:
             raise ValueError(f"1 to {self.k} variants per stacked session, got {len(variants)}")
         slots = [v or {} for v in variants]
-        base, concat, per_trial, clean_parts = self._layout(len(slots))
+        base, concat, per_trial, clean_parts, pads = self._layout(len(slots))
         parts = [base]
         for n in concat:
-            parts.append(initializer_bytes(f"{n}__stk", np.concatenate([s.get(n, self.clean[n]) for s in slots])))
+            parts.append(initializer_bytes(f"{n}__stk", np.concatenate([_padded(s.get(n, self.clean[n]), pads.get(n)) for s in slots])))
         for n in per_trial:
             for t, s in enumerate(slots):
                 parts.append(initializer_bytes(f"{n}__t{t}", s[n]) if n in s else clean_parts[n, t])
@@ -164,22 +176,35 @@ def top1_of_trials(injections: Sequence, values: dict[str, np.ndarray], clean: n
     return [top1(lg) if v is not None else clean for v, lg in zip(variants, logits_many(variants))]
 
 
-def stacked_sessions(model: onnx.ModelProto, names: Sequence[str]) -> StackedSessions | None:
+def stacked_sessions(model: onnx.ModelProto, names: Sequence[str], pad_to: int = 1) -> StackedSessions | None:
     """StackedSessions for the model's `names` variables with k from `stack_size`, or None when
-    k is 1 or the graph cannot be widened (its trials then take one session each)."""
+    k is 1 or the graph cannot be widened (its trials then take one session each). `pad_to`:
+    see CHANNEL_BLOCK."""
     inits = {t.name: t for t in model.graph.initializer}
     k = stack_size(4 * sum(_size(inits[n]) for n in names if n in inits))
     if k < 2:
         return None
     try:
-        return StackedSessions(model, names, k)
+        return StackedSessions(model, names, k, pad_to)
     except Unstackable:
         return None
 
 
-def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.ModelProto, list[str], list[str]]:
+def _padded(arr: np.ndarray, pad: tuple[tuple[int, ...], float] | None) -> np.ndarray:
+    """`arr` at the leading corner of an array of the padded shape, the rest `pad[1]`."""
+    if pad is None or pad[0] == arr.shape:
+        return arr
+    out = np.full(pad[0], pad[1], arr.dtype)
+    out[tuple(slice(0, n) for n in arr.shape)] = arr
+    return out
+
+
+def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1) \
+        -> tuple[onnx.ModelProto, list[str], list[str], dict[str, tuple[tuple[int, ...], float]]]:
     """The k-wide graph without the variable tensors, the variables it takes concatenated
-    along axis 0 (as `<name>__stk`), and those it takes once per trial (`<name>__t<t>`)."""
+    along axis 0 (as `<name>__stk`), those it takes once per trial (`<name>__t<t>`), and the
+    padded per-trial shapes of the concatenated variables whose channels are padded (with
+    `pad_to` > 1, see CHANNEL_BLOCK), with the value the padding takes."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -202,6 +227,9 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     taken: set[str] = set()
+    pads: dict[str, tuple[tuple[int, ...], float]] = {}  # concatenated variable -> padded per-trial shape, fill
+    chan: dict[str, tuple[int, int]] = {}  # stacked tensor with padded channels -> (channels, padded) per trial
+    unpadded: dict[str, str] = {}
 
     def variable_of(tensor: str) -> str | None:
         """The variable a weight input carries (directly or through its DequantizeLinear)."""
@@ -213,18 +241,41 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
         taken.add(v)
         return v
 
-    def tiled(name: str) -> str:
-        """A per-channel quantization parameter repeated k times (a scalar stays itself)."""
+    def tiled(name: str, rows: int | None = None, fill: float = 0.0) -> str:
+        """A per-channel quantization parameter repeated k times (a scalar stays itself), each
+        copy padded to `rows` channels with `fill`."""
         arr = numpy_helper.to_array(inits[name])
         if arr.ndim == 0 or arr.size == 1:
             return name
+        if rows is not None:
+            arr = _padded(arr, ((rows,), fill))
         new = f"{name}__tile{len(new_inits)}"
         new_inits.append(numpy_helper.from_array(np.concatenate([arr] * k), new))
         return new
 
+    def unpad(tensor: str) -> str:
+        """A padded stacked tensor with its padding channels dropped (Gather along axis 1): the
+        layout every op but a padded convolution or a channel-wise op expects."""
+        if tensor not in chan:
+            return tensor
+        if tensor not in unpadded:
+            c, padded = chan[tensor]
+            idx = f"{tensor}__unpad_idx"
+            new_inits.append(numpy_helper.from_array((np.arange(k)[:, None] * padded + np.arange(c)).ravel().astype(np.int64), idx))
+            unpadded[tensor] = f"{tensor}__unpad"
+            new_nodes.append(helper.make_node("Gather", [tensor, idx], [unpadded[tensor]], axis=1, name=unpadded[tensor]))
+        return unpadded[tensor]
+
+    def weight_dims(tensor: str) -> tuple[int, ...]:
+        """The shape of a Conv's weight (a variable or a constant, through its DequantizeLinear)."""
+        src = weight_dq.get(tensor, tensor)
+        if src not in inits:
+            raise Unstackable(f"{tensor}: the weight is neither a variable nor a constant")
+        return tuple(inits[src].dims)
+
     ranks: dict[str, int] = {}
 
-    def channel_tiled(name: str, stacked: str, where: str) -> str:
+    def channel_tiled(name: str, stacked: str, where: str, padded_to: int | None = None) -> str:
         """A constant broadcast against a stacked tensor, repeated k times along the axis that
         meets the stacked tensor's channel axis (1), where it spans the channels."""
         if not ranks:  # shapes only when a graph needs them (onnx's shape inference)
@@ -238,23 +289,33 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
         axis = arr.ndim - ranks[stacked] + 1  # numpy broadcasting aligns trailing axes
         if axis < 0 or arr.shape[axis] == 1:
             return name  # the same for every channel
+        if padded_to is not None:  # padding channels take 0 (they only meet zero weights)
+            shape = list(arr.shape)
+            shape[axis] = padded_to
+            arr = _padded(arr, (tuple(shape), 0))
         new = f"{name}__chan{len(new_inits)}"
         new_inits.append(numpy_helper.from_array(np.concatenate([arr] * k, axis=axis), new))
         return new
 
-    def widen_axis0(node: onnx.NodeProto, j: int) -> None:
+    def widen_axis0(node: onnx.NodeProto, j: int, padded: tuple[int, ...] | None = None) -> None:
         """Make a Conv's weight (j = 1) or bias (j = 2) input hold k values along axis 0: the k
-        variants of a variable, or k copies of a constant (a float model's bias)."""
+        variants of a variable, or k copies of a constant (a float model's bias), each padded
+        with zeros to the per-trial shape `padded` when given (its per-channel quantization
+        parameters too: scales with 1, zero points with 0)."""
         tensor = node.input[j]
         v = variable_of(tensor)
         if v is None:
             if tensor not in inits:
                 raise Unstackable(f"{node.name}: input {tensor} is neither a variable nor a constant")
             arr = numpy_helper.to_array(inits[tensor])
+            if padded is not None:
+                arr = _padded(arr, (padded, 0))
             node.input[j] = f"{tensor}__rep{len(new_inits)}"
             new_inits.append(numpy_helper.from_array(np.concatenate([arr] * k), node.input[j]))
             return
         concat.append(v)
+        if padded is not None:
+            pads[v] = (padded, 0)
         if tensor == v:
             node.input[j] = f"{v}__stk"
             return
@@ -264,13 +325,17 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
         if scale is None or (scale.size > 1 and axis != 0):
             raise Unstackable(f"{dq.name}: per-channel parameters not along axis 0")
         dq.input[0] = f"{v}__stk"
+        rows = None if padded is None else padded[0]
         for i in range(1, len(dq.input)):
             param = dq.input[i]
+            fill = 1.0 if i == 1 else 0  # a padding channel's scale, zero point
             if param and param in variables:  # a per-channel scale that varies too (FAQ's sign choice)
                 concat.append(variable_of(param))
                 dq.input[i] = f"{param}__stk"
+                if rows is not None and _size(inits[param]) > 1:
+                    pads[param] = ((rows,), fill)
             elif param:
-                dq.input[i] = tiled(param)
+                dq.input[i] = tiled(param, rows, fill)
 
     for node in g.node:
         op = node.op_type
@@ -284,36 +349,60 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
             new_nodes.append(node)
             continue
         x = kinds[0] if kinds else _CONST
+        if op != "Conv" and op not in CHANNELWISE_OPS:  # the layout without padding channels
+            node.input[:] = [unpad(i) if i in chan else i for i in node.input]
         if op == "Conv":
             group = next((a for a in node.attribute if a.name == "group"), None)
+            g0 = group.i if group is not None else 1
+            dims = weight_dims(node.input[1])
+            c_out, c_in_g = dims[0], dims[1]
+            in_pad = chan.get(node.input[0]) if x == _STACKED else None
+            depthwise = g0 > 1 and c_in_g == 1 and c_out == g0
+            shape: tuple[int, ...] = dims
+            if pad_to > 1 and depthwise and in_pad is not None:
+                shape = (in_pad[1], *dims[1:])
+            elif pad_to > 1 and g0 == 1:
+                shape = (-(-c_out // pad_to) * pad_to, in_pad[1] if in_pad else c_in_g, *dims[2:])
+            elif in_pad is not None:
+                node.input[0] = unpad(node.input[0])
+            per_trial_group = shape[0] if depthwise else g0
             if x == _STACKED:
                 if group is None:
                     node.attribute.append(helper.make_attribute("group", k))
                 else:
-                    group.i *= k
-            elif x != _SHARED or (group is not None and group.i != 1):
+                    group.i = k * per_trial_group
+            elif x != _SHARED or g0 != 1:
                 raise Unstackable(f"{node.name}: grouped convolution on an input the trials share")
-            widen_axis0(node, 1)
+            widen_axis0(node, 1, shape if shape != dims else None)
             if len(node.input) > 2 and node.input[2]:
-                widen_axis0(node, 2)
+                widen_axis0(node, 2, (shape[0],) if shape[0] != c_out else None)
             new_nodes.append(node)
             state[node.output[0]] = _STACKED
+            if shape[0] != c_out:
+                chan[node.output[0]] = (c_out, shape[0])
         elif op == "Gemm":
             new_nodes += _split_gemm(node, x, k, variable_of, per_trial, producer, new_inits)
             state[node.output[0]] = _STACKED
         elif op in CHANNELWISE_OPS:
             if x != _STACKED:
                 raise Unstackable(f"{node.name} ({op}): a stacked tensor beside a shared first input")
+            first = node.input[0]
+            layouts = {chan.get(i) for i, kind in zip(node.input, kinds) if i and kind == _STACKED}
+            if len(layouts) > 1:  # stacked inputs padded differently: meet without padding
+                node.input[:] = [unpad(i) if i in chan else i for i in node.input]
+            padded = next(iter(layouts)) if len(layouts) == 1 else None
             for j, (i, kind) in enumerate(zip(node.input[1:], kinds[1:]), 1):
                 if kind == _STACKED or not i:
                     continue
                 if kind == _SHARED or i not in inits:
                     raise Unstackable(f"{node.name} ({op}): a stacked input beside the non-constant {i}")
                 if _size(inits[i]) != 1:  # e.g. the clip pass's per-element thresholds
-                    node.input[j] = channel_tiled(i, node.input[0], node.name)
+                    node.input[j] = channel_tiled(i, first, node.name, padded[1] if padded else None)
             new_nodes.append(node)
             for o in node.output:
                 state[o] = _STACKED
+                if padded is not None:
+                    chan[o] = padded
         elif op == "Flatten" and next((a.i for a in node.attribute if a.name == "axis"), 1) == 1 and x == _STACKED:
             new_nodes.append(node)
             state[node.output[0]] = _STACKED
@@ -330,8 +419,10 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
         for j, o in enumerate(node.output):
             if o == out.name:
                 node.output[j] = flat
+    if out.name in chan:
+        chan[flat] = chan[out.name]
     new_inits.append(numpy_helper.from_array(np.array([0, k, -1], np.int64), "__stack_shape"))
-    new_nodes.append(helper.make_node("Reshape", [flat, "__stack_shape"], [out.name], name="__stack_reshape"))
+    new_nodes.append(helper.make_node("Reshape", [unpad(flat), "__stack_shape"], [out.name], name="__stack_reshape"))
     out_vi = onnx.ValueInfoProto()
     out_vi.name = out.name
     out_vi.type.tensor_type.elem_type = out.type.tensor_type.elem_type
@@ -346,7 +437,7 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int) -> tuple[onnx.Mo
     g.initializer.extend(kept + [t for t in new_inits if t.name in used])
     g.ClearField("input")
     g.input.extend(i for i in model.graph.input if i.name not in inits)
-    return m, concat, per_trial
+    return m, concat, per_trial, pads
 
 
 def _size(t: onnx.TensorProto) -> int:

@@ -296,3 +296,34 @@ def test_bert_table_rows_stored_negated(arch, monkeypatch):
     monkeypatch.setattr(faq_pass, "channel_sign_scales", lambda model, table=None: no_tables)
     _, _, unsigned = harden_for_chip(shared, fm, opts, host_check=False)
     assert res["accuracy"]["hardened_on_chip"] > unsigned["accuracy"]["hardened_on_chip"], (res, unsigned)
+
+
+def test_mobilenetv2_trials_stack_with_padded_channels(arch):
+    """The MobileNetV2's 24-channel layers are padded to 32 channels per trial in a stacked
+    session (stacking.CHANNEL_BLOCK: onnxruntime's blocked kernels need whole blocks per group);
+    the padding changes nothing a trial computes: a fleet's stacked evaluator of the plain graph,
+    given a hardened chip's values (negated per-channel scales included), scores what the
+    hardened graph's own session does."""
+    from harden.arithmetic import TOLERANCE
+    from harden.data import top1
+    from harden.simulate import ChipEvaluator, model_values
+    from harden.stacking import CHANNEL_BLOCK
+
+    shared, opts = _shared(*arch["mobilenetv2"])
+    out, _, _ = harden_for_chip(shared, generate_uniform(shared.num_words, 0.04, 100), opts, host_check=False)
+    data, ref = shared.evald, shared.reference()[1]
+    fleet = ChipEvaluator(shared.plain, data, ref)  # the default strategy: stacked
+    stacked = fleet.stacked
+    assert stacked is not None and stacked.k > 1
+    values = model_values(out, fleet.names)
+    got = fleet.logits_many([values, None, values])
+    graph = onnx.load_from_string(stacked._layout(3)[0])
+    inits = {t.name for t in graph.graph.initializer}
+    pads = stacked._layout(3)[4]
+    assert pads and all(shape[0] % CHANNEL_BLOCK == 0 for shape, _ in pads.values())
+    assert any(w.shape[0] % CHANNEL_BLOCK for w in qdq_weights(shared.plain) if w.op_type == "Conv")  # some were not
+    own = top1(ChipEvaluator(out, data, ref, strategy="rebuild").logits())
+    for logits in (got[0], got[2]):
+        assert np.mean(top1(logits) == own) >= 1 - TOLERANCE["accuracy_samples"] / len(data)
+    assert np.array_equal(top1(got[1]), top1(fleet.logits(None)))
+    assert "__stk" not in " ".join(inits)  # the variables come with each session, not in the graph

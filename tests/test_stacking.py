@@ -67,6 +67,52 @@ def test_stacked_trials_compute_what_one_session_per_trial_computes(which, reque
     assert len({top1(lg).tobytes() for lg in got}) > 1  # the variants differ: the test can fail
 
 
+@pytest.mark.parametrize("head", ["gemm", "conv"])
+def test_padded_channels_change_nothing_a_trial_computes(head):
+    """Channels padded per trial (stacking.CHANNEL_BLOCK) through a grouped and a depthwise
+    convolution, dropped before a Flatten / Gemm head or at a convolutional output: every
+    variant's logits equal its own session's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {"w1": rng.normal(size=(12, 1, 3, 3)), "b1": rng.normal(size=12), "w2": rng.normal(size=(12, 1, 3, 3)),
+         "w3": rng.normal(size=(20, 12, 1, 1)), "w4": rng.normal(size=(20 * 8 * 8, 10)) / 30, "w5": rng.normal(size=(3, 20, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], group=12),  # depthwise
+             helper.make_node("Conv", ["c2", "w3"], ["c3"]),
+             helper.make_node("Clip", ["c3", "lo", "hi"], ["r3"])]
+    if head == "gemm":
+        nodes += [helper.make_node("Flatten", ["r3"], ["f"]), helper.make_node("Gemm", ["f", "w4"], ["y"])]
+        del w["w5"]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    else:
+        nodes += [helper.make_node("Conv", ["r3", "w5"], ["y"])]
+        del w["w4"]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in w.items()]
+    inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    graph = helper.make_graph(nodes, "padded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    from harden.data import Dataset
+
+    data = Dataset({"x": rng.normal(size=(40, 1, 8, 8)).astype(np.float32)})
+    names = sorted(w)
+    values = {n: v.astype(np.float32) for n, v in w.items()}
+    variants = [{n: (v * rng.choice([1.0, -1.0, 2.0], size=v.shape)).astype(np.float32) for n, v in values.items()} for _ in range(3)]
+    stacked = StackedSessions(model, names, 3, pad_to=16)
+    assert {n: shape for n, (shape, _) in stacked._layout(3)[4].items()}["w3"] == (32, 16, 1, 1)
+    got = stacked.logits(variants, data, None)
+    single = VariantSessions(model, names)
+    for v, lg in zip(variants, got):
+        sess = single.session_for(v)
+        (ref,) = run_batched(sess, data, 64, [sess.get_outputs()[0].name])
+        assert lg.reshape(ref.shape).shape == ref.shape
+        # the same products; onnxruntime's grouped kernels may sum them in another order
+        np.testing.assert_allclose(lg.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_a_graph_that_cannot_be_widened_runs_one_session_per_trial(mlp_matmul, tabular_calib_npz, tmp_path):
     """MatMul weights (the transformer case) are not stacked: the evaluator says stack 1 and a
     campaign still runs."""
