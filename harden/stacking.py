@@ -143,7 +143,7 @@ class StackedSessions:
         for n in per_trial:
             for t, s in enumerate(slots):
                 parts.append(initializer_bytes(f"{n}__t{t}", s[n]) if n in s else clean_parts[n, t])
-        return session(b"".join(parts))
+        return session(b"".join(parts), shared_arena=True)
 
     @staticmethod
     def batch_size(fixed: int | None, width: int) -> int:
