@@ -11,8 +11,12 @@ one session build:
   ("stacked": trial k owns channels [k*C, (k+1)*C) of axis 1);
 - a convolution on a stacked input becomes a grouped convolution (`group` times K), each
   group reading its own trial's channels with its own trial's weights;
-- a Gemm on a stacked input is split into K Gemms (one per trial, the original shapes), whose
-  outputs are concatenated;
+- a Gemm on a stacked input runs as one batched MatMul over the trials ([K, N, F] x [K, F, O],
+  when its weight is transB, as a torch Linear exports it) or is split into K Gemms (one per
+  trial, the original shapes), whose outputs are concatenated;
+- in an int8 stack each trial's channels are padded to a multiple of CHANNEL_BLOCK (zero
+  filters; the padding is dropped before any op that mixes channels), so that onnxruntime's
+  blocked kernels take the grouped convolutions as they take the clean model's;
 - element-wise ops, pooling, Flatten(axis=1), and the per-tensor QuantizeLinear /
   DequantizeLinear of activations act on each channel alone and pass a stacked tensor on.
 
@@ -24,8 +28,9 @@ no trial's value enters another trial's channels (a NaN or inf in one trial stay
 onnxruntime may pick another kernel for a grouped convolution than for the single one, so a
 trial's figures equal the single-session figures to float32 rounding (the arithmetic tolerance,
 arithmetic.TOLERANCE); they are identical on the models measured in tests/test_stacking.py.
-Trial t is always run at position t % K of group t // K (campaign/engine.py), so figures do
-not depend on how many workers run the groups.
+A point's trials run in groups of one width w <= K fixed by the point's trial count, trial t at
+position t % w of group t // w (campaign/engine.py), so figures do not depend on how many
+workers run the groups.
 
 A graph with any other op on a stacked tensor (Reshape, Transpose, MatMul between activations,
 Concat, LayerNormalization: transformers) is not stacked (`Unstackable`): its trials keep one
