@@ -385,7 +385,7 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
             state[node.output[0]] = _STACKED
             if shape[0] != c_out:
                 chan[node.output[0]] = (c_out, shape[0])
-        elif op == "Gemm" and BATCHED_GEMM and _batched_gemm_fits(node, x, inits, weight_dq):
+        elif op == "Gemm" and BATCHED_GEMM and _batched_gemm_fits(node, x, inits, weight_dq, variables):
             outputs = weight_dims(node.input[1])[0]
             widen_axis0(node, 1)
             if len(node.input) > 2 and node.input[2]:
@@ -464,14 +464,18 @@ def _size(t: onnx.TensorProto) -> int:
 BATCHED_GEMM = True
 
 
-def _batched_gemm_fits(node: onnx.NodeProto, x: str, inits: dict, weight_dq: dict) -> bool:
+def _batched_gemm_fits(node: onnx.NodeProto, x: str, inits: dict, weight_dq: dict, variables: set[str]) -> bool:
     """A Gemm of the form the batched rewrite takes: transB = 1 (a torch Linear: B's output
     channels along axis 0, where the trials' copies are concatenated, scales per channel
-    included), no transA, alpha = beta = 1, a 1-D bias or none, on a stacked or shared input."""
+    included), no transA, alpha = beta = 1, a weight that varies (directly or through its
+    DequantizeLinear), a 1-D bias that varies or is an initializer, or none, on a stacked or
+    shared input. Others are split (`_split_gemm`)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if x not in (_STACKED, _SHARED) or attrs.get("transA", 0) or not attrs.get("transB", 0):
         return False
     if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return False
+    if node.input[1] not in variables and node.input[1] not in weight_dq:
         return False
     if len(node.input) > 2 and node.input[2]:
         src = weight_dq.get(node.input[2], node.input[2])

@@ -139,10 +139,11 @@ def per_row_table_scales(model: onnx.ModelProto) -> int:
     inits = initializer_map(model)
     used = [i for n in model.graph.node for i in n.input]
     changed = 0
+    dq_of = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     for w in qdq_weights(model):
-        dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == w.name)
         if w.op_type not in TABLE_OPS or w.scale.size != 1 or len(w.shape) != 2:
             continue
+        dq = dq_of[w.name]
         rows = w.shape[0]
         scale = np.full(rows, w.scale.reshape(()), np.float32)
         new = [numpy_helper.from_array(scale, f"{w.name}_row_scale")]
