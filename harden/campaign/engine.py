@@ -189,8 +189,9 @@ class Campaign(RecordsMixin):
         asked for, nor on how workers shared them out. Without `planned` (one trial asked for
         alone) a group is the session's k wide."""
         ses, base = self.session(self.points[point].space_kind)
-        stacked = self.stack_of(point) > 1
-        k = self.stack_of(point, planned)
+        session_k = self.stack_of(point)
+        stacked = session_k > 1
+        k = session_k if planned is None else group_width(session_k, planned)
         rows: list[TrialResult] = []
         a = start - start % k
         while a < stop:
