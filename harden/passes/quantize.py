@@ -137,21 +137,21 @@ def per_row_table_scales(model: onnx.ModelProto) -> int:
     negated alone, which FAQ's sign choice does for a row whose stuck sign bits disagree with
     its weights. Returns how many tables changed."""
     inits = initializer_map(model)
-    used = [i for n in model.graph.node for i in n.input]
-    changed = 0
     dq_of = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    replaced: set[str] = set()  # the per-tensor parameters the tables' DequantizeLinears read before
+    changed = 0
     for w in qdq_weights(model):
         if w.op_type not in TABLE_OPS or w.scale.size != 1 or len(w.shape) != 2:
             continue
         dq = dq_of[w.name]
         rows = w.shape[0]
-        scale = np.full(rows, w.scale.reshape(()), np.float32)
-        new = [numpy_helper.from_array(scale, f"{w.name}_row_scale")]
-        dq.input[1] = new[0].name
+        new = [numpy_helper.from_array(np.full(rows, w.scale.reshape(()), np.float32), f"{w.name}_row_scale")]
         if len(dq.input) > 2 and dq.input[2]:
             zp_dtype = numpy_helper.to_array(inits[dq.input[2]]).dtype
             new.append(numpy_helper.from_array(np.zeros(rows, zp_dtype), f"{w.name}_row_zero_point"))
-            dq.input[2] = new[1].name
+        for slot, tensor in enumerate(new, 1):
+            replaced.add(dq.input[slot])
+            dq.input[slot] = tensor.name
         model.graph.initializer.extend(new)
         for a in list(dq.attribute):
             if a.name == "axis":
@@ -159,8 +159,7 @@ def per_row_table_scales(model: onnx.ModelProto) -> int:
         dq.attribute.append(onnx.helper.make_attribute("axis", 0))
         changed += 1
     still_used = {i for n in model.graph.node for i in n.input}
-    dead = [t for t in model.graph.initializer if t.name in set(used) and t.name not in still_used]
-    for t in dead:
+    for t in [t for t in model.graph.initializer if t.name in replaced and t.name not in still_used]:
         model.graph.initializer.remove(t)
     return changed
 
