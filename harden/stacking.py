@@ -385,7 +385,7 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
             state[node.output[0]] = _STACKED
             if shape[0] != c_out:
                 chan[node.output[0]] = (c_out, shape[0])
-        elif op == "Gemm" and BATCHED_GEMM and _batched_gemm_fits(node, x, inits, weight_dq, variables):
+        elif op == "Gemm" and _batched_gemm_fits(node, x, inits, weight_dq, variables):
             outputs = weight_dims(node.input[1])[0]
             widen_axis0(node, 1)
             if len(node.input) > 2 and node.input[2]:
@@ -456,16 +456,12 @@ def _size(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) if t.dims else 1
 
 
-#: A Gemm y = x B^T + c on a stacked or shared input, B and c the K trials' own, runs as one
-#: batched MatMul ([K, N, F] x [K, F, O]) rather than K Gemms split from the input: the split
-#: head took 6 % of a stacked pass of the samples CNN (K Gather + Gemm nodes per run, against
-#: the clean graph's one Gemm). The same products and sums; onnxruntime's MatMul and Gemm share
-#: their SGEMM kernels.
-BATCHED_GEMM = True
-
-
 def _batched_gemm_fits(node: onnx.NodeProto, x: str, inits: dict, weight_dq: dict, variables: set[str]) -> bool:
-    """A Gemm of the form the batched rewrite takes: transB = 1 (a torch Linear: B's output
+    """Whether a Gemm y = x B^T + c on stacked trials runs as one batched MatMul ([K, N, F] x
+    [K, F, O], `_batched_gemm`) rather than K Gemms split from the input: the split head took
+    6 % of a stacked pass of the samples CNN (K Gather + Gemm nodes per run, against the clean
+    graph's one Gemm); the same products and sums, onnxruntime's MatMul and Gemm share their
+    SGEMM kernels. The form it takes: transB = 1 (a torch Linear: B's output
     channels along axis 0, where the trials' copies are concatenated, scales per channel
     included), no transA, alpha = beta = 1, a weight that varies (directly or through its
     DequantizeLinear), a 1-D bias that varies or is an initializer, or none, on a stacked or
