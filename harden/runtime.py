@@ -16,10 +16,24 @@ from .errors import InputError
 _THREADS: int | None = None  # onnxruntime intra-op threads; None: onnxruntime's default (all cores)
 
 
+_LOCAL = threading.local()  # a thread's own setting (campaign trial threads), over _THREADS
+
+
 def set_session_threads(threads: int | None) -> None:
     """Threads for the sessions this process builds from now on (a Dask worker sets 1)."""
     global _THREADS
     _THREADS = threads
+
+
+def process_session_threads() -> int | None:
+    """The process's setting (None: onnxruntime's default, every core)."""
+    return _THREADS
+
+
+def set_thread_session_threads(threads: int | None) -> None:
+    """Threads for the sessions the calling thread builds from now on (None: the process's
+    setting). A campaign's trial threads (campaign/executors.py) set 1: one pass per core."""
+    _LOCAL.threads = threads
 
 
 _SHARED_ARENA = False  # the process-wide arena of `session(..., shared_arena=True)` is registered
@@ -57,7 +71,7 @@ def session(model: onnx.ModelProto | bytes, *, optimize: bool = True, host_fused
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
     else:
-        opts = session_options(optimize=optimize, threads=_THREADS)
+        opts = session_options(optimize=optimize, threads=getattr(_LOCAL, "threads", None) or _THREADS)
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if shared_arena:

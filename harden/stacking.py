@@ -40,6 +40,7 @@ onnxruntime nor onnx offers a batched-weights rewrite of a graph.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -64,10 +65,12 @@ CHANNELWISE_OPS = frozenset({
     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Xor", "Not", "Where",
 })
 
-#: Trial-samples per inference batch of a stacked session (K trials x batch rows): measured
-#: on the samples CNN and the zoo's MobileNetV2 (K = 16: 64-row batches ran 1.3 to 1.5x faster
-#: per trial than 256-row ones, whose activations leave the cache).
-STACK_ROWS = 1024
+#: Trial-samples per inference batch of a stacked session (K trials x batch rows): each layer's
+#: activations for the batch then stay in the cache. Measured with each group on one core
+#: (campaign/parallel.py), 100 trials of stuck-at 0.04 against a clean pass (bench_campaign.py's
+#: yardstick), medians of 6 paired rounds: MobileNetV2 128 / 256 / 512 / 1024 rows 0.99 / 0.99 /
+#: 1.01 / 1.29 (another run: 0.85 at 256, 1.29 at 1024), samples CNN 1.00 / 0.89 / 0.95 / 1.04.
+STACK_ROWS = 256
 #: The most variants one session holds, and the most float32 weight bytes all of them may take:
 #: K = min(MAX_STACK, STACK_BYTES // the model's weight bytes); ResNet-50 (100 MB) gets K = 1.
 #: A session build costs in proportion to its weights (graph optimisation, prepacking) plus a
@@ -120,6 +123,7 @@ class StackedSessions:
         self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
         self._model = model
         self._layouts: dict[int, tuple[bytes, list[str], list[str], dict, dict]] = {}
+        self._layout_lock = threading.Lock()  # trial threads (campaign/parallel.py) share the layouts
         self._layout(self.k)  # Unstackable here, not at the first trial
 
     def _layout(self, width: int) -> tuple[bytes, list[str], list[str], dict, dict]:
@@ -129,11 +133,12 @@ class StackedSessions:
         channels are padded (with the value the padding takes). A group shorter than k (the last of a point, a point of
         one trial) runs on a graph as wide as itself: every trial computes the same products in
         any width, and the width is fixed by the trial indices alone."""
-        if width not in self._layouts:
-            graph, concat, per_trial, pads = _widen(self._model, set(self.names), width, self.pad_to)
-            clean_parts = {(n, t): initializer_bytes(f"{n}__t{t}", self.clean[n]) for n in per_trial for t in range(width)}
-            self._layouts[width] = (graph.SerializeToString(), concat, per_trial, clean_parts, pads)
-        return self._layouts[width]
+        with self._layout_lock:
+            if width not in self._layouts:
+                graph, concat, per_trial, pads = _widen(self._model, set(self.names), width, self.pad_to)
+                clean_parts = {(n, t): initializer_bytes(f"{n}__t{t}", self.clean[n]) for n in per_trial for t in range(width)}
+                self._layouts[width] = (graph.SerializeToString(), concat, per_trial, clean_parts, pads)
+            return self._layouts[width]
 
     def session_for(self, variants: Sequence[dict[str, np.ndarray] | None]) -> ort.InferenceSession:
         """One session holding `variants` (1 to k of them; None: the clean values). A variant

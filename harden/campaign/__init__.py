@@ -35,20 +35,21 @@ whose precision is not the model's is refused before any work (`check_precision`
 
 The package in parts: `options.py` (options, results, the trial generator), `engine.py` (the
 Campaign and its trials, early stopping, the recipe another process rebuilds it from), `sessions.py` (side sessions by
-`space_kind`), `records.py` (the report's records), `executors.py` (trials on Dask), `api.py`
+`space_kind`), `records.py` (the report's records), `parallel.py` (the executor protocol, trials on threads), `executors.py` (trials on Dask), `api.py`
 (`prepare_campaign` / `simulate`).
 """
 
 from __future__ import annotations
 
 from .api import SimulationResult, describe_trial, prepare_campaign, simulate
-from .engine import Campaign, CampaignRecipe, TrialExecutor
+from .engine import Campaign, CampaignRecipe
+from .parallel import ThreadTrials, TrialExecutor, default_jobs
 from .executors import DaskTrials
 from .options import DEFAULT_TRIALS, Baseline, CampaignOptions, CampaignResult, PerLayer, PointResult, TrialResult, trial_rng
 from .sessions import SESSION_KINDS, check_precision
 
 __all__ = [
     "DEFAULT_TRIALS", "Baseline", "Campaign", "CampaignOptions", "CampaignRecipe", "CampaignResult", "DaskTrials", "PerLayer",
-    "PointResult", "SESSION_KINDS", "SimulationResult", "TrialExecutor", "TrialResult", "check_precision", "describe_trial",
-    "prepare_campaign", "simulate", "trial_rng",
+    "PointResult", "SESSION_KINDS", "SimulationResult", "ThreadTrials", "TrialExecutor", "TrialResult", "check_precision", "describe_trial",
+    "default_jobs", "prepare_campaign", "simulate", "trial_rng",
 ]

@@ -165,6 +165,7 @@ def simulate(
     show_trial: tuple[int, int] | None = None,
     gates: Sequence[PointGate] = (),
     cluster: str | None = None,
+    jobs: int | None = None,
 ) -> SimulationResult:
     """Run a campaign (or re-derive one trial with `show_trial=(point, trial)`) and report it.
 
@@ -177,6 +178,8 @@ def simulate(
     are checked, before any trial. The model is int8 QDQ, or float with float fault models
     only (bitflip-fp32). `cluster`: a Dask address ('local', 'tcp://host:8786', else
     $HARDEN_CLUSTER; cluster.py): blocks of trials run on its workers, with the same figures.
+    `jobs`: without a cluster, the threads that run trials side by side (None: one per core;
+    parallel.ThreadTrials), with the same figures.
     """
     started = time.perf_counter()
     address = cluster_address(cluster)
@@ -240,7 +243,7 @@ def simulate(
         if address is not None:
             executor = DaskTrials(stack.enter_context(connect(address)), campaign)
             report["cluster"] = {"address": address}
-        result = campaign.run(opts, progress, executor)
+        result = campaign.run(opts, progress, executor, jobs)
     report["points"] = [campaign.point_record(p, opts) for p in result.points[:n_main]]
     if gates:
         report["gates"] = point_gate_results(report, gates)

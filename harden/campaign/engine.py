@@ -25,6 +25,7 @@ from ..faults import (
 from ..simulate import ChipEvaluator, Reference
 from ..stats import summarize
 from .options import Baseline, CampaignOptions, CampaignResult, PerLayer, PointResult, TrialResult, trial_rng
+from .parallel import ThreadTrials, TrialExecutor
 from .records import RecordsMixin
 from .sessions import SESSION_KINDS, WeightSession, check_precision
 
@@ -230,7 +231,7 @@ class Campaign(RecordsMixin):
     # --- the campaign --------------------------------------------------------------------
 
     def run_point(self, point: int, options: CampaignOptions, progress: Callable[[int], None] | None = None,
-                  executor: "TrialExecutor | None" = None, deadline: float | None = None) -> PointResult:
+                  executor: TrialExecutor | None = None, deadline: float | None = None, jobs: int | None = None) -> PointResult:
         """The trials of one point, stopping early once the interval meets the margin.
 
         The stopping rule is checked at the same trial counts (every `check_every` from
@@ -238,8 +239,12 @@ class Campaign(RecordsMixin):
         trial), so an executor that runs rounds of trials on other processes gives the figures
         of this sequential loop exactly (trials past the stop are computed and dropped).
         `deadline` (perf_counter time, from --budget): stop at the first check after it, with
-        at least `min(min_trials, planned)` trials.
+        at least `min(min_trials, planned)` trials. Without an `executor`, the trials run on
+        `jobs` threads (parallel.ThreadTrials; None: one per core, 1: this thread alone).
         """
+        if executor is None and jobs != 1:
+            with ThreadTrials(jobs) as threads:
+                return self.run_point(point, options, progress, threads, deadline)
         model = self.points[point]
         planned = 1 if model.deterministic else options.planned_trials()
         acc = np.empty(planned)
@@ -253,29 +258,40 @@ class Campaign(RecordsMixin):
             if executor is None:
                 rows: Iterable[TrialResult] = self._rows(point, n, planned)
             else:
-                rows = executor.run(self, point, n, executor.round_end(n, planned, options), planned)
-            for r in rows:
-                t = r.trial
-                acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
-                n = t + 1
-                if progress:
-                    progress(1)
-                if options.margin is not None and n < planned and n >= options.min_trials and n % options.check_every == 0:
-                    h = summarize(acc[:n], options.confidence).half_width
-                    if h is not None and h <= options.margin:
-                        stopped = True
+                end = executor.round_end(n, planned, options, self.stack_of(point, planned))
+                rows = executor.run(self, point, n, end, planned)
+            try:
+                for r in rows:
+                    t = r.trial
+                    acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
+                    n = t + 1
+                    if progress:
+                        progress(1)
+                    if options.margin is not None and n < planned and n >= options.min_trials and n % options.check_every == 0:
+                        h = summarize(acc[:n], options.confidence).half_width
+                        if h is not None and h <= options.margin:
+                            stopped = True
+                            break
+                    if deadline is not None and n < planned and n >= floor and n % options.check_every == 0 \
+                            and time.perf_counter() > deadline:
+                        stopped = out_of_time = True
                         break
-                if deadline is not None and n < planned and n >= floor and n % options.check_every == 0 \
-                        and time.perf_counter() > deadline:
-                    stopped = out_of_time = True
-                    break
+            finally:
+                close = getattr(rows, "close", None)  # a generator: stop its work now
+                if close is not None:
+                    close()
         if progress and n < planned:
             progress(planned - n)
         return PointResult(point, model, planned, acc[:n].copy(), events[:n].copy(), cells[:n].copy(), stopped and not out_of_time,
                            time.perf_counter() - t0, nans[:n].copy(), out_of_time)
 
     def run(self, options: CampaignOptions | None = None, progress: Callable[[int], None] | None = None,
-            executor: "TrialExecutor | None" = None) -> CampaignResult:
+            executor: TrialExecutor | None = None, jobs: int | None = None) -> CampaignResult:
+        """Every point in turn (`executor` / `jobs` as for run_point); `options.budget` is shared
+        out between the points left."""
+        if executor is None and jobs != 1:
+            with ThreadTrials(jobs) as threads:
+                return self.run(options, progress, threads)
         opts = options or CampaignOptions(seed=self.seed)
         t0 = time.perf_counter()
         res = CampaignResult(self.clean_accuracy, self.evaluator.reference.kind, int(self.target.size), self.n_correct, opts)
@@ -284,7 +300,7 @@ class Campaign(RecordsMixin):
             if opts.budget is not None:  # an equal share of what is left, per point left
                 left = opts.budget - (time.perf_counter() - t0)
                 deadline = time.perf_counter() + max(0.0, left) / (len(self.points) - p)
-            res.points.append(self.run_point(p, opts, progress, executor, deadline))
+            res.points.append(self.run_point(p, opts, progress, executor, deadline, jobs))
         res.seconds = time.perf_counter() - t0
         return res
 
@@ -321,23 +337,3 @@ def group_width(k: int, planned: int) -> int:
         return max(1, min(k, planned))
     groups = -(-planned // k)
     return -(-planned // groups)
-
-
-class TrialExecutor:
-    """Runs blocks of trials somewhere else; `run` returns them in trial order."""
-
-    def round_end(self, start: int, planned: int, options: CampaignOptions) -> int:
-        """Where the next round stops: all planned trials without a margin, else a few
-        stopping checkpoints' worth, so that early stopping wastes at most one round."""
-        if options.margin is None:
-            return planned
-        step = options.check_every
-        size = max(self.parallelism * 2, options.min_trials - start, step)
-        size = -(-size // step) * step
-        return min(planned, start + size)
-
-    parallelism: int = 1
-
-    def run(self, campaign: "Campaign", point: int, start: int, stop: int, planned: int) -> list[TrialResult]:
-        """Trials [start, stop) of the point's `planned` (`Campaign.run_trials` groups by it)."""
-        raise NotImplementedError

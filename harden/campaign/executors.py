@@ -14,7 +14,9 @@ from ..cluster import (
     worker_cached,
     worker_count,
 )
-from .engine import Campaign, CampaignRecipe, TrialExecutor, TrialResult
+from .engine import Campaign, CampaignRecipe
+from .options import TrialResult
+from .parallel import TrialExecutor
 
 
 class DaskTrials(TrialExecutor):

@@ -78,9 +78,12 @@ def _show_trial(text: str | None) -> tuple[int, int] | None:
 @click.option("--cluster", envvar="HARDEN_CLUSTER", metavar="ADDRESS", default=None,
               help="Run blocks of trials on a Dask cluster: 'local' (one worker per core) or a scheduler such as "
                    "tcp://host:8786 (env HARDEN_CLUSTER; needs harden[distributed]). Same figures as without it.")
+@click.option("--jobs", type=click.IntRange(1), default=None,
+              help="Threads that run trials side by side, each pass on one core (default: one per core). Same figures "
+                   "for any number.")
 @quiet_option
 def simulate_command(model, data, faults, faultmaps, trials, margin, budget, confidence, seed, per_layer, diagnostics, rho,
-                     show_trial, min_accuracy, max_drop, report, html, as_json, summary_md, junit, cluster, quiet):
+                     show_trial, min_accuracy, max_drop, report, html, as_json, summary_md, junit, cluster, jobs, quiet):
     """Fault-injection campaign on an int8 QDQ MODEL (or a float MODEL under bitflip-fp32),
     measured with onnxruntime.
 
@@ -152,7 +155,7 @@ def simulate_command(model, data, faults, faultmaps, trials, margin, budget, con
     try:
         result = simulate(model, data, faults, faultmaps, opts, per_layer=per_layer, diagnostics=diagnostics,
                           rho=0.05 if rho is None else rho,
-                          progress=progress, on_start=on_start, show_trial=trial, gates=gates, cluster=cluster)
+                          progress=progress, on_start=on_start, show_trial=trial, gates=gates, cluster=cluster, jobs=jobs)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

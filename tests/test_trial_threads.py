@@ -1,0 +1,95 @@
+"""Trials on threads (harden/campaign/parallel.py): the figures of one thread, the groups really
+run side by side on one-thread sessions, and a point that stops early leaves no work behind."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from harden import runtime
+from harden.campaign import Campaign, CampaignOptions, ThreadTrials, simulate
+from harden.data import load_npz
+from harden.errors import InputError
+from harden.faults import parse_fault_spec
+
+
+@pytest.fixture(scope="module")
+def campaign(int8_residual, digits_test_npz):
+    model = onnx.load(str(int8_residual))
+    return Campaign(model, load_npz(digits_test_npz, model), parse_fault_spec("bitflip:1e-2") + parse_fault_spec("stuckat:0.04"), seed=3)
+
+
+def _figures(result):
+    return [(p.trials, p.stopped_early, p.accuracy.tolist(), p.sdc1_events.tolist(), p.faulty_cells.tolist(), p.nan_outputs.tolist())
+            for p in result.points]
+
+
+def test_threads_give_the_figures_of_one_thread(campaign, monkeypatch):
+    k = campaign.stack_of(0)
+    assert k > 1
+    calls: list[tuple[str, int | None]] = []
+    run_trials = Campaign.run_trials
+
+    def spy(self, *args, **kw):
+        calls.append((threading.current_thread().name, getattr(runtime._LOCAL, "threads", None)))
+        return run_trials(self, *args, **kw)
+
+    monkeypatch.setattr(Campaign, "run_trials", spy)
+    opts = CampaignOptions(trials=3 * k + 1, seed=3)  # 4 groups a point
+    one = campaign.run(opts, jobs=1)
+    assert {name for name, _ in calls} == {threading.current_thread().name}
+    calls.clear()
+    two = campaign.run(opts, jobs=2)
+    assert _figures(two) == _figures(one)
+    assert np.std(one.points[0].accuracy) > 0
+    # every group ran on a trial thread, whose sessions take one onnxruntime thread
+    assert len(calls) == 8 and all(name.startswith("harden-trials") and threads == 1 for name, threads in calls)
+    assert len({name for name, _ in calls}) == 2
+
+
+def test_early_stopping_on_threads_stops_at_the_same_trial(campaign):
+    opts = CampaignOptions(trials=400, margin=0.02, min_trials=20, check_every=5, seed=3)
+    one = campaign.run(opts, jobs=1)
+    two = campaign.run(opts, jobs=2)
+    assert _figures(two) == _figures(one)
+    assert any(p.stopped_early and p.trials < 400 for p in one.points)
+
+
+def test_a_point_out_of_time_leaves_no_trial_running(campaign, monkeypatch):
+    started, finished = [], []
+    run_trials = Campaign.run_trials
+
+    def spy(self, point, a, b, planned):
+        started.append(a)
+        try:
+            return run_trials(self, point, a, b, planned)
+        finally:
+            finished.append(a)
+
+    monkeypatch.setattr(Campaign, "run_trials", spy)
+    opts = CampaignOptions(trials=400, min_trials=5, check_every=5, seed=3)
+    with ThreadTrials(2) as threads:
+        res = campaign.run_point(0, opts, executor=threads, deadline=time.perf_counter())
+        # stopped at the first check; the groups not started were cancelled, the running ones awaited
+        assert res.stopped_by_budget and res.trials == 5
+        assert sorted(started) == sorted(finished) and len(started) < 400 // campaign.stack_of(0, 400)
+    assert not [t for t in threading.enumerate() if t.name.startswith("harden-trials")]
+    assert res.trials == campaign.run_point(0, opts, jobs=1, deadline=time.perf_counter()).trials
+
+
+def test_simulate_report_does_not_depend_on_jobs(int8_residual, digits_test_npz):
+    def report(jobs):
+        rep = simulate(int8_residual, digits_test_npz, ["bitflip:1e-3,1e-2"], options=CampaignOptions(trials=40, seed=1), jobs=jobs).report
+        drop = {"seconds"}
+        for p in rep["points"]:
+            p.pop("seconds", None)
+        return json.dumps({k: v for k, v in rep.items() if k not in drop}, sort_keys=True)
+
+    assert report(1) == report(2)
+    with pytest.raises(InputError, match="jobs"):
+        ThreadTrials(0)
