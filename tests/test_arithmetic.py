@@ -128,9 +128,9 @@ def test_report_figures_equal_an_independent_evaluation(tmp_path):
     """The JSON report's held-out accuracies are the written model's, read back through the chip
     on the unfused path, within one sample; and the report names the arithmetic."""
     out = tmp_path / "h.onnx"
-    res = apply(ROOT / "samples/model.onnx", ROOT / "samples/chip.bin", ROOT / "samples/calib.npz", out,
-                eval_data_path=ROOT / "samples/test.npz", report_path=tmp_path / "r.json",
-                options=ApplyOptions(trials=0, clip_percentile=100.0))
+    apply(ROOT / "samples/model.onnx", ROOT / "samples/chip.bin", ROOT / "samples/calib.npz", out,
+          eval_data_path=ROOT / "samples/test.npz", report_path=tmp_path / "r.json",
+          options=ApplyOptions(trials=0, clip_percentile=100.0))
     report = json.loads((tmp_path / "r.json").read_text())
     test = np.load(ROOT / "samples/test.npz")
     x, y = test["input"], test["label"]
