@@ -10,14 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from concurrent import futures
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import InputError
 from ..runtime import process_session_threads, set_thread_session_threads
 from .options import CampaignOptions, TrialResult
 
-if TYPE_CHECKING:  # the engine imports this module
-    from .engine import Campaign
+
+class Campaign(Protocol):
+    """What an executor asks of a campaign (engine.Campaign, which imports this module)."""
+
+    def stack_of(self, point: int, planned: int | None = None) -> int: ...
+
+    def run_trials(self, point: int, start: int, stop: int, planned: int | None = None) -> list[TrialResult]: ...
 
 
 class TrialExecutor:
