@@ -32,7 +32,7 @@ def process_session_threads() -> int | None:
 
 def set_thread_session_threads(threads: int | None) -> None:
     """Threads for the sessions the calling thread builds from now on (None: the process's
-    setting). A campaign's trial threads (campaign/executors.py) set 1: one pass per core."""
+    setting). A campaign's trial threads (campaign/parallel.py) set 1: one pass per core."""
     _LOCAL.threads = threads
 
 
