@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import pty
 import re
 import select
@@ -411,3 +412,16 @@ def test_summary_md_may_not_name_an_input_or_another_output(target, inputs, tmp_
     assert len(lines) == 1 and re.match(r"error: output path .* (is the input|is also another output)", lines[0]), lines
     assert os.listdir(out) == []
     assert (inputs / "calib.npz").read_bytes() == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_the_cli_sets_glibc_malloc_unless_the_user_did():
+    """harden.allocator: set in a harden process, left alone when MALLOC_* is in the environment."""
+    code = "from harden.allocator import tune_allocator; print(tune_allocator())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def run(e):
+        return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert run(env) == "True"
+    assert run({**env, "MALLOC_ARENA_MAX": "4"}) == "False"

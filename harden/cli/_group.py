@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from ..allocator import tune_allocator
 from ._common import HardenGroup
 
 
@@ -20,3 +21,4 @@ def main() -> None:
 
     Exit codes: 0 ok, 1 resilience gate not met, 2 bad input, 3 internal error.
     """
+    tune_allocator()
