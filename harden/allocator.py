@@ -4,10 +4,12 @@ glibc raises its mmap threshold each time a large mmapped block is freed (up to 
 so later large arrays come from the heap, whose freed pages stay with the process, and each
 thread that allocates may get an arena of its own. A fixed trim threshold (which also stops the
 threshold raising, as `MALLOC_TRIM_THRESHOLD_` does), the mmap threshold back at glibc's start
-value, and two arenas: ResNet-50's `apply` peaked
-at 1,715 MB against 2,233 MB with glibc's defaults (docs/results.md). Set from the CLI only, once,
-before any work; a user's own `MALLOC_*` environment wins. Python has no API for this (ctypes
-calls mallopt); musl and non-Linux hosts keep their allocator as it is."""
+value, and two arenas: ResNet-50's `apply` peaked at 1,776 MB against 2,285 MB with glibc's
+defaults, but took 152 s against 122 s (every large temporary array is mapped and unmapped
+again; an mmap threshold of 4 MB kept the time, 134 s, and not the memory, 2,181 MB;
+docs/results.md). So it is opt-in: `HARDEN_LOW_MEMORY=1`, read by the CLI once before any work;
+a user's own `MALLOC_*` environment wins. Python has no API for this (ctypes calls mallopt);
+musl and non-Linux hosts keep their allocator as it is."""
 
 from __future__ import annotations
 
@@ -23,8 +25,14 @@ MMAP_THRESHOLD = 128 << 10  # glibc's initial value, which loading a model has r
 ARENA_MAX = 2
 
 
-def tune_allocator() -> bool:
-    """Apply the settings above to this process; False when they do not apply here."""
+ENV = "HARDEN_LOW_MEMORY"
+
+
+def tune_allocator(force: bool = False) -> bool:
+    """Apply the settings above to this process when `HARDEN_LOW_MEMORY=1` (or `force`); False
+    when they are not asked for or do not apply here."""
+    if not (force or os.environ.get(ENV) == "1"):
+        return False
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
         return False
     try:

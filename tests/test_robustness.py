@@ -415,13 +415,15 @@ def test_summary_md_may_not_name_an_input_or_another_output(target, inputs, tmp_
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_the_cli_sets_glibc_malloc_unless_the_user_did():
-    """harden.allocator: set in a harden process, left alone when MALLOC_* is in the environment."""
+def test_low_memory_sets_glibc_malloc_unless_the_user_did():
+    """harden.allocator: set with HARDEN_LOW_MEMORY=1, left alone without it or when MALLOC_* is
+    in the environment."""
     code = "from harden.allocator import tune_allocator; print(tune_allocator())"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "HARDEN_LOW_MEMORY"}
 
     def run(e):
         return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.strip()
 
-    assert run(env) == "True"
-    assert run({**env, "MALLOC_ARENA_MAX": "4"}) == "False"
+    assert run(env) == "False"
+    assert run({**env, "HARDEN_LOW_MEMORY": "1"}) == "True"
+    assert run({**env, "HARDEN_LOW_MEMORY": "1", "MALLOC_ARENA_MAX": "4"}) == "False"
