@@ -23,8 +23,6 @@ M_ARENA_MAX = -8
 TRIM_THRESHOLD = 16 << 20
 MMAP_THRESHOLD = 128 << 10  # glibc's initial value, which loading a model has raised by now
 ARENA_MAX = 2
-
-
 ENV = "HARDEN_LOW_MEMORY"
 
 

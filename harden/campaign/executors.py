@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-import numpy as np
-
 from ..cluster import (
     LOST_TASK_RETRIES,
     SharedData,
@@ -16,7 +14,7 @@ from ..cluster import (
 )
 from .engine import Campaign, CampaignRecipe
 from .options import TrialResult
-from .parallel import TrialExecutor
+from .parallel import TrialExecutor, aligned_spans
 
 
 class DaskTrials(TrialExecutor):
@@ -49,16 +47,6 @@ class DaskTrials(TrialExecutor):
                         raise
                     fut = self._submit(point, a, b, planned, attempt)
         return rows
-
-
-def aligned_spans(start: int, stop: int, blocks: int, stack: int) -> list[tuple[int, int]]:
-    """[start, stop) in at most `blocks` spans of about equal size whose inner edges are
-    multiples of `stack` (a stacked pass's group is never split between two workers)."""
-    groups = -(-stop // stack) - start // stack
-    blocks = max(1, min(blocks, groups))
-    edges = (np.linspace(start // stack, start // stack + groups, blocks + 1).round().astype(int) * stack).tolist()
-    edges[0], edges[-1] = start, stop
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def _trial_block(recipe: CampaignRecipe, token: str, point: int, start: int, stop: int, planned: int) -> list[TrialResult]:

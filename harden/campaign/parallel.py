@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from concurrent import futures
 from typing import Protocol
 
+import numpy as np
+
 from ..errors import InputError
 from ..runtime import process_session_threads, set_thread_session_threads
 from .options import CampaignOptions, TrialResult
@@ -46,6 +48,16 @@ class TrialExecutor:
     def run(self, campaign: "Campaign", point: int, start: int, stop: int, planned: int) -> Iterable[TrialResult]:
         """Trials [start, stop) of the point's `planned` (`Campaign.run_trials` groups by it)."""
         raise NotImplementedError
+
+
+def aligned_spans(start: int, stop: int, blocks: int, stack: int) -> list[tuple[int, int]]:
+    """[start, stop) in at most `blocks` spans of about equal size whose inner edges are
+    multiples of `stack` (a stacked pass's group is never split between two workers)."""
+    groups = -(-stop // stack) - start // stack
+    blocks = max(1, min(blocks, groups))
+    edges = (np.linspace(start // stack, start // stack + groups, blocks + 1).round().astype(int) * stack).tolist()
+    edges[0], edges[-1] = start, stop
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def default_jobs() -> int:
@@ -84,11 +96,11 @@ class ThreadTrials(TrialExecutor):
         caller that stops early closes the generator, which cancels the groups not started and
         waits for the running ones."""
         width = campaign.stack_of(point, planned)  # builds the point's session here, not in the threads
-        edges = [start, *range(start - start % width + width, stop, width), stop]
-        if width < 2 or self.parallelism < 2 or len(edges) < 3:  # one session per trial, or one group
+        groups = aligned_spans(start, stop, stop - start, width)  # one span per group
+        if width < 2 or self.parallelism < 2 or len(groups) < 2:  # one session per trial, or one group
             yield from campaign.run_trials(point, start, stop, planned)
             return
-        jobs = [self._pool.submit(campaign.run_trials, point, a, b, planned) for a, b in zip(edges[:-1], edges[1:])]
+        jobs = [self._pool.submit(campaign.run_trials, point, a, b, planned) for a, b in groups]
         try:
             for job in jobs:
                 yield from job.result()
