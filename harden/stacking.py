@@ -20,6 +20,18 @@ one session build:
 - element-wise ops, pooling, Flatten(axis=1), and the per-tensor QuantizeLinear /
   DequantizeLinear of activations act on each channel alone and pass a stacked tensor on.
 
+A layer is only as wide as the trials already faulty there (`StackedSessions.plan`, `_widen`):
+the group's trials are ordered by the first weight node where they differ from the clean
+values, the layers before the first of them run once on the clean graph, and a layer runs one
+block per trial faulty at or before it; a narrower input takes the clean tensor appended (a
+trial with no fault upstream of a tensor has its clean value there: a Concat on the channels,
+which onnxruntime keeps in its blocked layout, where a Gather made it reorder every tensor and
+cost more than it saved). The output holds one block per faulty trial and one clean block that
+the group's clean slots share. Sparse faults gain the most: 100 trials of bit flips on the
+MobileNetV2 took 0.62x the time of the all-wide graph at 1e-5, 0.86x at 1e-4; the residual CNN
+0.9x (int8, 1e-4) and 0.95x (fp32, 1e-5); a fault everywhere (stuck-at 0.04) runs the same
+graph as before (bench/results, docs/results.md).
+
 Every trial computes exactly the products and sums of its own single-trial graph, with the
 same per-tensor activation scales (a fault changes weights, never quantization parameters; a
 per-channel weight scale given as a variable, which FAQ's sign choice negates chip by chip,
@@ -42,6 +54,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -81,6 +94,9 @@ STACK_ROWS = 256
 #: (MobileNetV2) less, with the same figures trial for trial.
 MAX_STACK = 64
 STACK_BYTES = 48 << 20
+#: Widened graphs kept for profiles that are not one width throughout (sparse faults give most
+#: groups a profile of their own; a full-width graph is kept whatever this says).
+MAX_PARTIAL_LAYOUTS = 8
 
 #: Per-trial channel counts of an int8 stacked graph are padded to a multiple of this (zero
 #: filters, zero weights for the padding inputs; the padding channels hold zeros and are dropped
@@ -104,6 +120,18 @@ def stack_size(weight_bytes: int) -> int:
     return int(max(1, min(MAX_STACK, STACK_BYTES // max(1, weight_bytes))))
 
 
+class _Layout(NamedTuple):
+    """One widened graph: its bytes without the variables, the variables it takes concatenated
+    (`<name>__stk`) and per trial (`<name>__t<t>`), the padded per-trial shapes of the padded
+    ones (with the value the padding takes), and how many blocks its output holds."""
+
+    graph: bytes
+    concat: list[str]
+    per_trial: list[str]
+    pads: dict[str, tuple[tuple[int, ...], float]]
+    blocks: int
+
+
 class StackedSessions:
     """Sessions that each run up to `k` variants of one model (values of its `names`
     initializers) side by side; `logits(variants, data, fixed)` gives each variant's first output.
@@ -123,48 +151,94 @@ class StackedSessions:
             raise Unstackable(f"{missing[0]} is not an initializer")
         self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
         self._model = model
-        self._layouts: dict[int, tuple[bytes, list[str], list[str], dict, dict]] = {}
+        self._node_names = _variables_by_node(model, self.names)
+        self._layouts: dict[tuple[int, ...], _Layout] = {}
+        self._clean_parts: dict[tuple[str, int], bytes] = {}
         self._layout_lock = threading.Lock()  # trial threads (campaign/parallel.py) share the layouts
         self._layout(self.k)  # Unstackable here, not at the first trial
 
-    def _layout(self, width: int) -> tuple[bytes, list[str], list[str], dict, dict]:
-        """The `width`-wide graph's bytes (without the variables), the variables it takes
-        concatenated and per trial, the serialized clean per-trial tensors (a variant that
-        leaves one clean reuses them) and the padded per-trial shape of the variables whose
-        channels are padded (with the value the padding takes). A group shorter than k (the last of a point, a point of
-        one trial) runs on a graph as wide as itself: every trial computes the same products in
-        any width, and the width is fixed by the trial indices alone."""
+    def _layout(self, profile: int | tuple[int, ...], slots: int | None = None) -> _Layout:
+        """The graph for `slots` trials (default: the profile's width) and a profile: per weight
+        node (graph order), how many of them are faulty at or before it (0: none, the node keeps
+        its clean weights; `_widen`). An int w: w trials, every one faulty from the first weight
+        node on. A group shorter than k (the last of a point, a point of one trial) runs on a
+        graph as wide as itself: every trial computes the same products in any width, and the
+        width is fixed by the trial indices alone."""
+        if isinstance(profile, int):
+            profile = (profile,) * len(self._node_names)
+        slots = max(profile, default=1) if slots is None else slots
+        key = (slots, *profile)
         with self._layout_lock:
-            if width not in self._layouts:
-                graph, concat, per_trial, pads = _widen(self._model, set(self.names), width, self.pad_to)
-                clean_parts = {(n, t): initializer_bytes(f"{n}__t{t}", self.clean[n]) for n in per_trial for t in range(width)}
-                self._layouts[width] = (graph.SerializeToString(), concat, per_trial, clean_parts, pads)
-            return self._layouts[width]
+            if key not in self._layouts:
+                widths = {n: b for names, b in zip(self._node_names, profile) for n in names}
+                graph, concat, per_trial, pads, blocks = _widen(self._model, widths, self.pad_to, slots)
+                partial = [p for p in self._layouts if len(set(p)) > 1]
+                if len(set(key)) > 1 and len(partial) >= MAX_PARTIAL_LAYOUTS:
+                    del self._layouts[partial[0]]  # sparse faults give each group its own profile
+                self._layouts[key] = _Layout(graph.SerializeToString(), concat, per_trial, pads, blocks)
+            return self._layouts[key]
 
-    def session_for(self, variants: Sequence[dict[str, np.ndarray] | None]) -> ort.InferenceSession:
-        """One session holding `variants` (1 to k of them; None: the clean values). A variant
-        dict may hold only the tensors it changed."""
+    def plan(self, slots: Sequence[dict[str, np.ndarray]]) -> tuple[list[int], tuple[int, ...]]:
+        """The slots in block order (by the first weight node where each differs from the clean
+        values, then by slot) and the profile they need (`_layout`): how many differ at or
+        before each weight node. A variant's arrays are compared once each (by identity: a trial's
+        untouched tensors are the same arrays in every slot), bit for bit."""
+        verdict: dict[tuple[str, int], bool] = {}
+
+        def differs(slot: dict[str, np.ndarray], name: str) -> bool:
+            arr = slot.get(name)
+            if arr is None or arr is self.clean[name]:
+                return False
+            key = (name, id(arr))
+            if key not in verdict:
+                a, c = np.ascontiguousarray(arr), self.clean[name]
+                verdict[key] = a.shape != c.shape or a.dtype != c.dtype or \
+                    not np.array_equal(a.reshape(-1).view(np.uint8), np.ascontiguousarray(c).reshape(-1).view(np.uint8))
+            return verdict[key]
+
+        nodes = len(self._node_names)
+        first = [next((j for j, names in enumerate(self._node_names) if any(differs(s, n) for n in names)), nodes)
+                 for s in slots]
+        order = sorted(range(len(slots)), key=lambda i: (first[i], i))
+        counts = np.cumsum(np.bincount(first, minlength=nodes + 1)[:nodes])
+        return order, tuple(int(c) for c in counts)
+
+    def session_for(self, variants: Sequence[dict[str, np.ndarray] | None]) -> tuple[ort.InferenceSession, list[int]]:
+        """One session holding `variants` (1 to k of them; None: the clean values) and the
+        output block that holds each. A variant dict may hold only the tensors it changed."""
         if not 0 < len(variants) <= self.k:
             raise ValueError(f"1 to {self.k} variants per stacked session, got {len(variants)}")
         slots = [v or {} for v in variants]
-        base, concat, per_trial, clean_parts, pads = self._layout(len(slots))
-        parts = [base]
-        for n in concat:
-            parts.append(initializer_bytes(f"{n}__stk", np.concatenate([_padded(s.get(n, self.clean[n]), pads.get(n)) for s in slots])))
-        for n in per_trial:
-            for t, s in enumerate(slots):
-                parts.append(initializer_bytes(f"{n}__t{t}", s[n]) if n in s else clean_parts[n, t])
-        return session(b"".join(parts), shared_arena=True)
+        order, profile = self.plan(slots)
+        try:
+            layout = self._layout(profile, len(slots))
+        except Unstackable:  # a narrower prefix the full width handles (not met in the tested graphs)
+            order, profile = list(range(len(slots))), (len(slots),) * len(profile)
+            layout = self._layout(profile, len(slots))
+        widths = {n: b for names, b in zip(self._node_names, profile) for n in names}
+        blocks = [slots[i] for i in order]
+        parts = [layout.graph]
+        for n in layout.concat:
+            pad = layout.pads.get(n)
+            parts.append(initializer_bytes(f"{n}__stk", np.concatenate([_padded(s.get(n, self.clean[n]), pad) for s in blocks[:widths[n]]])))
+        for n in layout.per_trial:
+            for t, s in enumerate(blocks[:widths[n]]):
+                parts.append(initializer_bytes(f"{n}__t{t}", s[n]) if n in s else self._clean_part(n, t))
+        where = [0] * len(slots)
+        for b, i in enumerate(order):
+            where[i] = min(b, layout.blocks - 1)  # the clean trials: the clean block, last
+        return session(b"".join(parts), shared_arena=True), where
+
+    def _clean_part(self, name: str, t: int) -> bytes:
+        """The serialized clean `<name>__t<t>` (a variant that leaves it clean reuses it)."""
+        if (name, t) not in self._clean_parts:
+            self._clean_parts[name, t] = initializer_bytes(f"{name}__t{t}", self.clean[name])
+        return self._clean_parts[name, t]
 
     @staticmethod
     def batch_size(fixed: int | None, width: int) -> int:
         """Rows per batch: the model's fixed batch, else STACK_ROWS trial-samples per run."""
         return fixed or max(1, STACK_ROWS // width)
-
-    @staticmethod
-    def split(stacked: np.ndarray, count: int) -> list[np.ndarray]:
-        """The `count` trials' outputs from a stacked session's output [N, width, ...]."""
-        return [np.ascontiguousarray(stacked[:, t]) for t in range(count)]
 
     def logits(self, variants: Sequence[dict[str, np.ndarray] | None], data: Dataset, fixed: int | None) -> list[np.ndarray]:
         """Each variant's first output on `data`, k variants per session (groups of k from the
@@ -173,9 +247,9 @@ class StackedSessions:
         out: list[np.ndarray] = []
         for a in range(0, len(variants), self.k):
             chunk = variants[a:a + self.k]
-            sess = self.session_for(chunk)
-            (stacked,) = run_batched(sess, data, self.batch_size(fixed, len(chunk)), [sess.get_outputs()[0].name])
-            out += self.split(stacked, len(chunk))
+            sess, where = self.session_for(chunk)
+            (stacked,) = run_batched(sess, data, self.batch_size(fixed, max(where) + 1), [sess.get_outputs()[0].name])
+            out += [np.ascontiguousarray(stacked[:, b]) for b in where]
         return out
 
 
@@ -201,6 +275,23 @@ def stacked_sessions(model: onnx.ModelProto, names: Sequence[str], pad_to: int =
         return None
 
 
+def _variables_by_node(model: onnx.ModelProto, names: Sequence[str]) -> list[list[str]]:
+    """The variables grouped by the node that reads them (a Conv or Gemm, directly or through a
+    DequantizeLinear), nodes in graph order (topological). A variable read otherwise goes first
+    (the widening refuses it anyway)."""
+    consumers = consumers_of(model)
+    index = {id(node): i for i, node in enumerate(model.graph.node)}
+    by_node: dict[int, list[str]] = {}
+    for name in names:
+        readers = consumers.get(name, [])
+        reader = readers[0] if len(readers) == 1 else None
+        if reader is not None and reader.op_type == "DequantizeLinear":
+            after = consumers.get(reader.output[0], [])
+            reader = after[0] if len(after) == 1 else None
+        by_node.setdefault(index[id(reader)] if reader is not None else -1, []).append(name)
+    return [by_node[i] for i in sorted(by_node)]
+
+
 def _padded(arr: np.ndarray, pad: tuple[tuple[int, ...], float] | None) -> np.ndarray:
     """`arr` at the leading corner of an array of the padded shape, the rest `pad[1]`."""
     if pad is None or pad[0] == arr.shape:
@@ -210,12 +301,26 @@ def _padded(arr: np.ndarray, pad: tuple[tuple[int, ...], float] | None) -> np.nd
     return out
 
 
-def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1) \
-        -> tuple[onnx.ModelProto, list[str], list[str], dict[str, tuple[tuple[int, ...], float]]]:
-    """The k-wide graph without the variable tensors, the variables it takes concatenated
-    along axis 0 (as `<name>__stk`), those it takes once per trial (`<name>__t<t>`), and the
-    padded per-trial shapes of the concatenated variables whose channels are padded (with
-    `pad_to` > 1, see CHANNEL_BLOCK), with the value the padding takes."""
+def _widen(model: onnx.ModelProto, widths: dict[str, int], pad_to: int = 1, slots: int | None = None) \
+        -> tuple[onnx.ModelProto, list[str], list[str], dict[str, tuple[tuple[int, ...], float]], int]:
+    """The widened graph without the variable tensors' trial values, the variables it takes
+    concatenated along axis 0 (as `<name>__stk`), those it takes once per trial
+    (`<name>__t<t>`), the padded per-trial shapes of the concatenated variables whose channels
+    are padded (with `pad_to` > 1, see CHANNEL_BLOCK), with the value the padding takes, and
+    how many blocks the output holds.
+
+    `widths`: per variable, how many trials its node runs side by side, the trials faulty at
+    or before it (0: none, the node keeps its clean weights); `slots`: the trials of the group.
+    The clean graph stays (its nodes run only where a stacked one reads them); each node a
+    fault reaches gets a stacked twin (`<output>__s`) as wide as the widest of its weights and
+    inputs, and an input narrower than that gets the clean tensor appended until it is wide
+    enough (a trial that is not faulty upstream of a tensor has its clean value there): a
+    Concat along the channels, which onnxruntime keeps in its blocked NCHWc layout. So the
+    layers before a group's first fault run once, and a layer runs one block per trial faulty
+    at or before it. The output holds one block per faulty trial, then a clean block when
+    some trial of the group is clean (`StackedSessions.plan`)."""
+    variables = {n for n, b in widths.items() if b > 0}
+    slots = slots if slots is not None else max(widths.values(), default=1)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -226,7 +331,7 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
     inits = {t.name: t for t in g.initializer}
     consumers = consumers_of(m)
     producer = {o: node for node in g.node for o in node.output}
-    state: dict[str, str] = {i.name: _SHARED for i in g.input if i.name not in inits}
+    state: dict[str, str] = {i.name: _SHARED for i in g.input if i.name not in inits}  # the clean graph's tensors
     for name in inits:
         state[name] = _CONST
     weight_dq: dict[str, str] = {}  # output of a DequantizeLinear of a variable -> that variable
@@ -239,8 +344,12 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
     new_inits: list[onnx.TensorProto] = []
     taken: set[str] = set()
     pads: dict[str, tuple[tuple[int, ...], float]] = {}  # concatenated variable -> padded per-trial shape, fill
+    twin: dict[str, str] = {}  # clean tensor -> its stacked twin
+    blocks: dict[str, int] = {}  # stacked tensor -> how many trials it holds side by side
     chan: dict[str, tuple[int, int]] = {}  # stacked tensor with padded channels -> (channels, padded) per trial
     unpadded: dict[str, str] = {}
+    widened: dict[tuple[str, int], str] = {}
+    k = 0  # the blocks of the node being stacked (the helpers below read it)
 
     def variable_of(tensor: str) -> str | None:
         """The variable a weight input carries (directly or through its DequantizeLinear)."""
@@ -272,10 +381,25 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
         if tensor not in unpadded:
             c, padded = chan[tensor]
             idx = f"{tensor}__unpad_idx"
-            new_inits.append(numpy_helper.from_array((np.arange(k)[:, None] * padded + np.arange(c)).ravel().astype(np.int64), idx))
+            new_inits.append(numpy_helper.from_array((np.arange(blocks[tensor])[:, None] * padded + np.arange(c)).ravel().astype(np.int64), idx))
             unpadded[tensor] = f"{tensor}__unpad"
             new_nodes.append(helper.make_node("Gather", [tensor, idx], [unpadded[tensor]], axis=1, name=unpadded[tensor]))
+            blocks[unpadded[tensor]] = blocks[tensor]
         return unpadded[tensor]
+
+    def operand(tensor: str, to: int) -> str:
+        """A stacked tensor `to` blocks wide for the clean `tensor`: its twin when as wide, else
+        the twin (without padding) and copies of the clean tensor (a shared one: only those)."""
+        have = blocks[twin[tensor]] if tensor in twin else 0
+        if have == to:
+            return twin[tensor]
+        if (tensor, to) not in widened:
+            name = f"{tensor}__x{to}"
+            parts = ([unpad(twin[tensor])] if have else []) + [tensor] * (to - have)
+            new_nodes.append(helper.make_node("Concat", parts, [name], axis=1, name=name))
+            blocks[name] = to
+            widened[tensor, to] = name
+        return widened[tensor, to]
 
     def weight_dims(tensor: str) -> tuple[int, ...]:
         """The shape of a Conv's weight (a variable or a constant, through its DequantizeLinear)."""
@@ -286,18 +410,19 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
 
     ranks: dict[str, int] = {}
 
-    def channel_tiled(name: str, stacked: str, where: str, padded_to: int | None = None) -> str:
-        """A constant broadcast against a stacked tensor, repeated k times along the axis that
-        meets the stacked tensor's channel axis (1), where it spans the channels."""
+    def channel_tiled(name: str, like: str, where: str, padded_to: int | None = None) -> str:
+        """A constant broadcast against a stacked tensor (the twin of the clean `like`), repeated
+        k times along the axis that meets the stacked tensor's channel axis (1), where it spans
+        the channels."""
         if not ranks:  # shapes only when a graph needs them (onnx's shape inference)
             inferred = onnx.shape_inference.infer_shapes(model)
             for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
                 if vi.type.tensor_type.HasField("shape"):
                     ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-        if stacked not in ranks:
-            raise Unstackable(f"{where}: the rank of {stacked} is unknown")
+        if like not in ranks:
+            raise Unstackable(f"{where}: the rank of {like} is unknown")
         arr = numpy_helper.to_array(inits[name])
-        axis = arr.ndim - ranks[stacked] + 1  # numpy broadcasting aligns trailing axes
+        axis = arr.ndim - ranks[like] + 1  # numpy broadcasting aligns trailing axes
         if axis < 0 or arr.shape[axis] == 1:
             return name  # the same for every channel
         if padded_to is not None:  # padding channels take 0 (they only meet zero weights)
@@ -309,10 +434,11 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
         return new
 
     def widen_axis0(node: onnx.NodeProto, j: int, padded: tuple[int, ...] | None = None) -> None:
-        """Make a Conv's weight (j = 1) or bias (j = 2) input hold k values along axis 0: the k
-        variants of a variable, or k copies of a constant (a float model's bias), each padded
-        with zeros to the per-trial shape `padded` when given (its per-channel quantization
-        parameters too: scales with 1, zero points with 0)."""
+        """Make a stacked Conv's weight (j = 1) or bias (j = 2) input hold k values along axis 0:
+        the k variants of a variable (through a stacked twin of its DequantizeLinear), or k
+        copies of a constant (a float model's bias), each padded with zeros to the per-trial
+        shape `padded` when given (its per-channel quantization parameters too: scales with 1,
+        zero points with 0)."""
         tensor = node.input[j]
         v = variable_of(tensor)
         if v is None:
@@ -330,12 +456,15 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
         if tensor == v:
             node.input[j] = f"{v}__stk"
             return
-        dq = producer[tensor]
+        dq = onnx.NodeProto()
+        dq.CopyFrom(producer[tensor])
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
         if scale is None or (scale.size > 1 and axis != 0):
             raise Unstackable(f"{dq.name}: per-channel parameters not along axis 0")
         dq.input[0] = f"{v}__stk"
+        dq.output[0] = node.input[j] = f"{tensor}__s"
+        dq.name = f"{dq.name or tensor}__s"
         rows = None if padded is None else padded[0]
         for i in range(1, len(dq.input)):
             param = dq.input[i]
@@ -347,24 +476,30 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
                     pads[param] = ((rows,), fill)
             elif param:
                 dq.input[i] = tiled(param, rows, fill)
+        new_nodes.append(dq)
 
-    for node in g.node:
-        op = node.op_type
-        if node.output and node.output[0] in weight_dq:
-            new_nodes.append(node)  # rewired when its consumer is widened
+    for src in g.node:
+        op = src.op_type
+        kinds = [state.get(i, _CONST) if i else _CONST for i in src.input]
+        for o in src.output:  # the clean graph keeps every node
+            state[o] = _SHARED if _SHARED in kinds else _CONST
+        new_nodes.append(src)
+        if src.output and src.output[0] in weight_dq:
+            continue  # its stacked twin is made with its consumer's (widen_axis0)
+        k = max([widths[weight_dq.get(i, i)] for i in src.input if i in variables or i in weight_dq]
+                + [blocks[twin[i]] for i in src.input if i in twin], default=0)
+        if k == 0:
             continue
-        kinds = [state.get(i, _CONST) if i else _CONST for i in node.input]
-        if _STACKED not in kinds and not any(i in variables or i in weight_dq for i in node.input):
-            for o in node.output:
-                state[o] = _SHARED if _SHARED in kinds else _CONST
-            new_nodes.append(node)
-            continue
-        x = kinds[0] if kinds else _CONST
-        if op != "Conv" and op not in CHANNELWISE_OPS:  # the layout without padding channels
-            node.input[:] = [unpad(i) if i in chan else i for i in node.input]
+        node = onnx.NodeProto()
+        node.CopyFrom(src)
+        node.name = f"{src.name or src.output[0]}__s"
+        node.output[:] = [f"{o}__s" for o in src.output]
+        x = _STACKED if src.input and src.input[0] in twin else kinds[0] if kinds else _CONST
         if op == "Conv":
             group = next((a for a in node.attribute if a.name == "group"), None)
             g0 = group.i if group is not None else 1
+            if x == _STACKED or (x == _SHARED and g0 != 1):  # a grouped convolution reads its trials' own channels
+                node.input[0], x = operand(src.input[0], k), _STACKED
             dims = weight_dims(node.input[1])
             c_out, c_in_g = dims[0], dims[1]
             in_pad = chan.get(node.input[0]) if x == _STACKED else None
@@ -388,59 +523,64 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
             if len(node.input) > 2 and node.input[2]:
                 widen_axis0(node, 2, (shape[0],) if shape[0] != c_out else None)
             new_nodes.append(node)
-            state[node.output[0]] = _STACKED
             if shape[0] != c_out:
                 chan[node.output[0]] = (c_out, shape[0])
-        elif op == "Gemm" and _batched_gemm_fits(node, x, inits, weight_dq, variables):
-            outputs = weight_dims(node.input[1])[0]
-            widen_axis0(node, 1)
-            if len(node.input) > 2 and node.input[2]:
-                widen_axis0(node, 2)
-            new_nodes += _batched_gemm(node, x, k, outputs, new_inits)
-            state[node.output[0]] = _STACKED
         elif op == "Gemm":
-            new_nodes += _split_gemm(node, x, k, variable_of, per_trial, producer, new_inits)
-            state[node.output[0]] = _STACKED
+            if x == _STACKED:
+                node.input[0] = unpad(operand(src.input[0], k))
+            if _batched_gemm_fits(node, x, inits, weight_dq, variables):
+                outputs = weight_dims(node.input[1])[0]
+                widen_axis0(node, 1)
+                if len(node.input) > 2 and node.input[2]:
+                    widen_axis0(node, 2)
+                new_nodes.extend(_batched_gemm(node, x, k, outputs, new_inits))
+            else:
+                new_nodes.extend(_split_gemm(node, x, k, variable_of, per_trial, producer, new_inits))
         elif op in CHANNELWISE_OPS:
-            if x != _STACKED:
-                raise Unstackable(f"{node.name} ({op}): a stacked tensor beside a shared first input")
-            first = node.input[0]
-            layouts = {chan.get(i) for i, kind in zip(node.input, kinds) if i and kind == _STACKED}
+            for j, (i, kind) in enumerate(zip(src.input, kinds)):  # every input that is not a constant: k blocks
+                if i and (i in twin or (kind == _SHARED and i not in inits)):
+                    node.input[j] = operand(i, k)
+            if node.input[0] == src.input[0]:
+                raise Unstackable(f"{node.name} ({op}): a stacked tensor beside a constant first input")
+            layouts = {chan.get(i) for i in node.input if i in blocks}
             if len(layouts) > 1:  # stacked inputs padded differently: meet without padding
                 node.input[:] = [unpad(i) if i in chan else i for i in node.input]
             padded = next(iter(layouts)) if len(layouts) == 1 else None
-            for j, (i, kind) in enumerate(zip(node.input[1:], kinds[1:]), 1):
-                if kind == _STACKED or not i:
+            for j, i in enumerate(node.input[1:], 1):
+                if not i or i in blocks:
                     continue
-                if kind == _SHARED or i not in inits:
+                if i not in inits:
                     raise Unstackable(f"{node.name} ({op}): a stacked input beside the non-constant {i}")
                 if _size(inits[i]) != 1:  # e.g. the clip pass's per-element thresholds
-                    node.input[j] = channel_tiled(i, first, node.name, padded[1] if padded else None)
+                    node.input[j] = channel_tiled(i, src.input[0], node.name, padded[1] if padded else None)
             new_nodes.append(node)
-            for o in node.output:
-                state[o] = _STACKED
-                if padded is not None:
+            if padded is not None:
+                for o in node.output:
                     chan[o] = padded
         elif op == "Flatten" and next((a.i for a in node.attribute if a.name == "axis"), 1) == 1 and x == _STACKED:
+            node.input[0] = unpad(twin[src.input[0]])
             new_nodes.append(node)
-            state[node.output[0]] = _STACKED
         else:
-            raise Unstackable(f"{node.name} ({op}) on a tensor that differs between trials")
+            raise Unstackable(f"{src.name} ({op}) on a tensor that differs between trials")
+        for o in src.output:
+            twin[o] = f"{o}__s"
+            blocks[twin[o]] = k
     missing = sorted(variables - taken)
     if missing:
         raise Unstackable(f"{missing[0]} is not read by a Conv or Gemm")
     out = g.output[0]
-    if state.get(out.name) != _STACKED:
+    if variables and out.name not in twin:
         raise Unstackable("the first output does not depend on the weights")
+    faulty = blocks[twin[out.name]] if out.name in twin else 0
+    out_blocks = max(1, min(faulty + 1, slots))  # the faulty trials, then a clean block if a trial is clean
+    last = unpad(operand(out.name, out_blocks)) if faulty or out_blocks > 1 else out.name
     flat = f"{out.name}__flat"
-    for node in new_nodes:
-        for j, o in enumerate(node.output):
-            if o == out.name:
-                node.output[j] = flat
-    if out.name in chan:
-        chan[flat] = chan[out.name]
-    new_inits.append(numpy_helper.from_array(np.array([0, k, -1], np.int64), "__stack_shape"))
-    new_nodes.append(helper.make_node("Reshape", [unpad(flat), "__stack_shape"], [out.name], name="__stack_reshape"))
+    for node in new_nodes:  # the graph's output name goes to the reshaped stack
+        node.input[:] = [flat if i == out.name else i for i in node.input]
+        node.output[:] = [flat if o == out.name else o for o in node.output]
+    last = flat if last == out.name else last
+    new_inits.append(numpy_helper.from_array(np.array([0, out_blocks, -1], np.int64), "__stack_shape"))
+    new_nodes.append(helper.make_node("Reshape", [last, "__stack_shape"], [out.name], name="__stack_reshape"))
     out_vi = onnx.ValueInfoProto()
     out_vi.name = out.name
     out_vi.type.tensor_type.elem_type = out.type.tensor_type.elem_type
@@ -450,12 +590,12 @@ def _widen(model: onnx.ModelProto, variables: set[str], k: int, pad_to: int = 1)
     g.ClearField("node")
     g.node.extend(_needed(new_nodes, out.name))
     used = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in used and t.name not in variables]
+    kept = [t for t in g.initializer if t.name in used]  # a variable's clean value where the clean graph reads it
     g.ClearField("initializer")
     g.initializer.extend(kept + [t for t in new_inits if t.name in used])
     g.ClearField("input")
     g.input.extend(i for i in model.graph.input if i.name not in inits)
-    return m, concat, per_trial, pads
+    return m, concat, per_trial, pads, out_blocks
 
 
 def _size(t: onnx.TensorProto) -> int:

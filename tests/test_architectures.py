@@ -317,9 +317,9 @@ def test_mobilenetv2_trials_stack_with_padded_channels(arch):
     assert stacked is not None and stacked.k > 1
     values = model_values(out, fleet.names)
     got = fleet.logits_many([values, None, values])
-    graph = onnx.load_from_string(stacked._layout(3)[0])
+    graph = onnx.load_from_string(stacked._layout(3).graph)
     inits = {t.name for t in graph.graph.initializer}
-    pads = stacked._layout(3)[4]
+    pads = stacked._layout(3).pads
     assert pads and all(shape[0] % CHANNEL_BLOCK == 0 for shape, _ in pads.values())
     assert any(w.shape[0] % CHANNEL_BLOCK for w in qdq_weights(shared.plain) if w.op_type == "Conv")  # some were not
     own = top1(ChipEvaluator(out, data, ref, strategy="rebuild").logits())

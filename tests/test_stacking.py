@@ -67,6 +67,44 @@ def test_stacked_trials_compute_what_one_session_per_trial_computes(which, reque
     assert len({top1(lg).tobytes() for lg in got}) > 1  # the variants differ: the test can fail
 
 
+@pytest.mark.parametrize("which", ["int8_residual", "int8_clipped"])
+def test_layers_before_a_trials_first_fault_run_once(which, request, digits_test_npz):
+    """Sparse faults: each trial changes one tensor, at different depths, beside clean slots.
+    The layers before a group's first faulty one run on the clean graph, a layer runs one block
+    per trial faulty at or before it (the rest take the clean tensor: residual branches of
+    different widths meet), the clean slots share one block; every trial still computes what
+    its own session does."""
+    model = onnx.load(str(request.getfixturevalue(which)))
+    data = load_npz(digits_test_npz, model)
+    table = qdq_weights(model)
+    names = [w.name for w in table] + [w.bias for w in table if w.bias]
+    values = {n: get_initializer(model, n) for n in names}
+    stacked = StackedSessions(model, names, 6)
+    layers = stacked._node_names
+    rng = np.random.default_rng(3)
+
+    def hit(layer: int) -> dict[str, np.ndarray]:
+        name = layers[layer][0]  # the node's int8 weight
+        y = values[name].copy()
+        flat = y.reshape(-1)
+        flat[rng.integers(0, flat.size, max(1, flat.size // 50))] ^= np.int8(-128)  # sign bits
+        return {name: y}
+
+    variants = [None, hit(len(layers) - 1), hit(2), None, hit(1), {**values}]  # the last: every tensor, clean values
+    order, profile = stacked.plan([v or {} for v in variants])
+    assert profile[0] == 0 and profile[1] == 1 and profile[-1] == 3  # three faulty trials, from the second layer on
+    assert order[:3] == [4, 2, 1]
+    got = stacked.logits(variants, data, None)
+    single = VariantSessions(model, names)
+    for v, lg in zip(variants, got):
+        sess = single.session_for(v)
+        (ref,) = run_batched(sess, data, 256, [sess.get_outputs()[0].name])
+        assert lg.shape == ref.shape
+        assert np.mean(np.abs(lg - ref) > 1e-6) <= 0.01 and (top1(lg) != top1(ref)).sum() <= 1
+    assert np.array_equal(got[0], got[3]) and np.array_equal(got[0], got[5])  # one clean block
+    assert len({top1(lg).tobytes() for lg in got}) == 4  # the faulty trials differ: the test can fail
+
+
 @pytest.mark.parametrize("head", ["gemm", "conv"])
 def test_padded_channels_change_nothing_a_trial_computes(head):
     """Channels padded per trial (stacking.CHANNEL_BLOCK) through a grouped and a depthwise
@@ -102,7 +140,7 @@ def test_padded_channels_change_nothing_a_trial_computes(head):
     values = {n: v.astype(np.float32) for n, v in w.items()}
     variants = [{n: (v * rng.choice([1.0, -1.0, 2.0], size=v.shape)).astype(np.float32) for n, v in values.items()} for _ in range(3)]
     stacked = StackedSessions(model, names, 3, pad_to=16)
-    assert {n: shape for n, (shape, _) in stacked._layout(3)[4].items()}["w3"] == (32, 16, 1, 1)
+    assert {n: shape for n, (shape, _) in stacked._layout(3).pads.items()}["w3"] == (32, 16, 1, 1)
     got = stacked.logits(variants, data, None)
     single = VariantSessions(model, names)
     for v, lg in zip(variants, got):
@@ -110,6 +148,16 @@ def test_padded_channels_change_nothing_a_trial_computes(head):
         (ref,) = run_batched(sess, data, 64, [sess.get_outputs()[0].name])
         assert lg.reshape(ref.shape).shape == ref.shape
         # the same products; onnxruntime's grouped kernels may sum them in another order
+        np.testing.assert_allclose(lg.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
+    # sparse: the first faulty layer is the depthwise one (its shared input copied per trial),
+    # or the last (the head's rank-2 input widened with the clean one), beside a clean slot
+    late = [n for n in names if n in ("w4", "w5")][0]
+    sparse = [{"w2": variants[0]["w2"]}, None, {late: variants[1][late]}]
+    order, profile = stacked.plan([v or {} for v in sparse])
+    assert order == [0, 2, 1] and profile[:2] == (0, 1) and profile[-1] == 2
+    for v, lg in zip(sparse, stacked.logits(sparse, data, None)):
+        sess = single.session_for(v)
+        (ref,) = run_batched(sess, data, 64, [sess.get_outputs()[0].name])
         np.testing.assert_allclose(lg.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -159,7 +207,9 @@ def test_campaign_figures_do_not_depend_on_how_trials_are_grouped(int8_residual,
 
 def test_a_point_runs_on_one_widened_graph(int8_residual, digits_test_npz):
     """The trials of a point are shared out in groups of one width (group_width), the last one
-    padded with clean slots: one widened graph per point, however many trials it plans."""
+    padded with clean slots, which share one clean block: at this fault rate (every trial
+    faulty from the first layer on) one widened graph per point, however many trials it plans,
+    and one for its last group."""
     from harden.campaign.engine import group_width
 
     assert [group_width(32, n) for n in (1, 5, 32, 33, 100, 130)] == [1, 5, 32, 17, 25, 26]
@@ -170,8 +220,12 @@ def test_a_point_runs_on_one_widened_graph(int8_residual, digits_test_npz):
     k = c.stack_of(0)
     planned = 2 * k + 5
     c.run_point(0, CampaignOptions(trials=planned, seed=5))
+    width = c.stack_of(0, planned)
+    last = planned - 2 * width  # the last group's trials, then width - last clean slots
+    layouts = set(c.evaluator.stacked._layouts)  # (trials, faulty ones at each weight node...)
+    assert all(len(set(key[1:])) == 1 for key in layouts)
     # the k-wide layout is widened when the sessions are set up (to refuse an unstackable graph early)
-    assert set(c.evaluator.stacked._layouts) - {k} == {c.stack_of(0, planned)}
+    assert {key[:2] for key in layouts} - {(k, k)} == {(width, width), (width, last)}
 
 
 def test_aligned_spans_never_split_a_group():
@@ -193,7 +247,8 @@ def test_a_nan_in_one_float_trial_stays_in_that_trial(plain_cnn, digits_test_npz
     poisoned = ev.values[first].copy()
     poisoned.reshape(-1)[::7] = np.nan
     logits = ev.stacked.logits([None, {first: poisoned}, None], ev.data, None)
-    clean = ev.stacked.logits([None, None, None], ev.data, None)  # the same graph, every slot clean
-    assert np.isnan(logits[1]).any() and not np.isnan(clean[1]).any()
-    assert np.array_equal(logits[0], clean[0]) and np.array_equal(logits[2], clean[2])
-    assert (top1(clean[0]) != ev.clean).sum() <= 1  # and what one session computes, to the tolerance
+    # the same graph (the same profile: one trial faulty from the same layer), a finite fault
+    finite = ev.stacked.logits([None, {first: 1.5 * ev.values[first]}, None], ev.data, None)
+    assert np.isnan(logits[1]).any() and not np.isnan(finite[1]).any()
+    assert np.array_equal(logits[0], finite[0]) and np.array_equal(logits[2], finite[2])
+    assert (top1(finite[0]) != ev.clean).sum() <= 1  # and what one session computes, to the tolerance
