@@ -12,8 +12,11 @@ batch.
   count at the bit error rate, then distinct positions, as harden draws them), compute the
   flipped float32 values and `declare_weight_fi(layer_num, k, dim1, dim2, dim3, value)`, which
   deep-copies the model and writes them; one forward pass; top-1 accuracy.
-- harden: `harden simulate MODEL.onnx --fault bitflip-fp32:BER --trials N --json` (the point's own
-  seconds, so start-up is excluded).
+- harden: `harden.campaign.simulate(MODEL.onnx, DATA, ["bitflip-fp32:BER"], CampaignOptions(trials=N))`,
+  what `harden simulate --fault bitflip-fp32:BER --trials N` runs, in this process: the point's
+  own seconds (its session is built off the clock, like PyTorchFI's `fault_injection` object),
+  after one warm-up campaign, as torch and onnxruntime are warmed up by their clean passes (a
+  fresh process's first campaign pays about 0.1 s of one-off start: arenas, thread pools).
 - Clean passes: torch eval forward, and an onnxruntime session of the ONNX model.
 
 Both use the machine's defaults (torch's threads; harden's trial threads, one per core). Rounds
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import zoo  # noqa: E402
 
+from harden.campaign import CampaignOptions, simulate  # noqa: E402
 from harden.runtime import session  # noqa: E402
 
 
@@ -113,11 +116,11 @@ def main() -> None:
             return (time.perf_counter() - t0) / args.trials, accs
 
         def harden_trials() -> tuple[float, dict]:
-            proc = subprocess.run([sys.executable, "-m", "harden", "simulate", str(onnx_path), "--data", str(data),
-                                   "--fault", f"bitflip-fp32:{args.ber!r}", "--trials", str(args.trials), "--seed", str(args.seed),
-                                   "--json"], capture_output=True, text=True, check=True)
-            point = json.loads(proc.stdout)["points"][0]
+            report = simulate(onnx_path, data, [f"bitflip-fp32:{args.ber!r}"], options=CampaignOptions(trials=args.trials, seed=args.seed)).report
+            point = report["points"][0]
             return point["seconds"] / point["trials"], point
+
+        harden_trials()  # warm-up
 
         # Rounds alternate the two, so that the machine's load hits both alike.
         pfi_times, harden_times = [], []

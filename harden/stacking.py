@@ -27,7 +27,8 @@ block per trial faulty at or before it; a narrower input takes the clean tensor 
 trial with no fault upstream of a tensor has its clean value there: a Concat on the channels,
 which onnxruntime keeps in its blocked layout, where a Gather made it reorder every tensor and
 cost more than it saved). The output holds one block per faulty trial and one clean block that
-the group's clean slots share. Sparse faults gain the most: 100 trials of bit flips on the
+the group's clean slots share (a group that would save less than MIN_SAVING of the
+multiply-adds runs every trial from the first layer on). Sparse faults gain the most: 100 trials of bit flips on the
 MobileNetV2 took 0.62x the time of the all-wide graph at 1e-5, 0.86x at 1e-4; the residual CNN
 0.9x (int8, 1e-4) and 0.95x (fp32, 1e-5); a fault everywhere (stuck-at 0.04) runs the same
 graph as before (bench/results, docs/results.md).
@@ -94,6 +95,15 @@ STACK_ROWS = 256
 #: (MobileNetV2) less, with the same figures trial for trial.
 MAX_STACK = 64
 STACK_BYTES = 48 << 20
+#: The least share of a group's multiply-adds that running each layer only as wide as its
+#: faulty trials must save (`StackedSessions.plan`), else every trial runs from the first layer
+#: on: each narrower input is widened by a Concat that copies the tensor, and a few clean slots
+#: (the last group of a point) are not worth a graph of their own. Measured savings and time
+#: against the all-wide graph (100-200 trials, alternating rounds; this VM's noise is 5 %):
+#: MobileNetV2 bit flips 1e-5 42 % saved, 0.58-0.62x the time; 1e-4 10 %, 0.86x; 1e-3 1 %
+#: (all-wide); the residual CNN, float bit flips 1e-5, 14-18 %, 0.95x; samples CNN, int8 1e-4,
+#: 4-7 %, 0.9x.
+MIN_SAVING = 0.05
 #: Widened graphs kept for profiles that are not one width throughout (sparse faults give most
 #: groups a profile of their own; a full-width graph is kept whatever this says).
 MAX_PARTIAL_LAYOUTS = 8
@@ -152,6 +162,7 @@ class StackedSessions:
         self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
         self._model = model
         self._node_names = _variables_by_node(model, self.names)
+        self._node_work = _node_work(model, self._node_names)
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._clean_parts: dict[tuple[str, int], bytes] = {}
         self._layout_lock = threading.Lock()  # trial threads (campaign/parallel.py) share the layouts
@@ -181,7 +192,9 @@ class StackedSessions:
     def plan(self, slots: Sequence[dict[str, np.ndarray]]) -> tuple[list[int], tuple[int, ...]]:
         """The slots in block order (by the first weight node where each differs from the clean
         values, then by slot) and the profile they need (`_layout`): how many differ at or
-        before each weight node. A variant's arrays are compared once each (by identity: a trial's
+        before each weight node; every slot from the first node on when that saves less than
+        MIN_SAVING of the multiply-adds.
+        A variant's arrays are compared once each (by identity: a trial's
         untouched tensors are the same arrays in every slot), bit for bit."""
         verdict: dict[tuple[str, int], bool] = {}
 
@@ -199,9 +212,10 @@ class StackedSessions:
         nodes = len(self._node_names)
         first = [next((j for j, names in enumerate(self._node_names) if any(differs(s, n) for n in names)), nodes)
                  for s in slots]
-        order = sorted(range(len(slots)), key=lambda i: (first[i], i))
         counts = np.cumsum(np.bincount(first, minlength=nodes + 1)[:nodes])
-        return order, tuple(int(c) for c in counts)
+        if np.dot(len(slots) - counts, self._node_work) < MIN_SAVING * len(slots) * self._node_work.sum():
+            return list(range(len(slots))), (len(slots),) * nodes  # every slot wide from the first node
+        return sorted(range(len(slots)), key=lambda i: (first[i], i)), tuple(int(c) for c in counts)
 
     def session_for(self, variants: Sequence[dict[str, np.ndarray] | None]) -> tuple[ort.InferenceSession, list[int]]:
         """One session holding `variants` (1 to k of them; None: the clean values) and the
@@ -273,6 +287,29 @@ def stacked_sessions(model: onnx.ModelProto, names: Sequence[str], pad_to: int =
         return StackedSessions(model, names, k, pad_to)
     except Unstackable:
         return None
+
+
+def _node_work(model: onnx.ModelProto, node_names: list[list[str]]) -> np.ndarray:
+    """Multiply-adds per sample of each weight node (`_variables_by_node`'s order): its weight's
+    size times its output's spatial size (onnx's shape inference; 1 where unknown, a Gemm)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = consumers_of(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+                  for vi in [*inferred.graph.value_info, *inferred.graph.output] if vi.type.tensor_type.HasField("shape")}
+    except Exception:  # noqa: BLE001 - an estimate: without shapes every node counts its weights alone
+        shapes = {}
+    work = []
+    for names in node_names:
+        weight = max((inits[n] for n in names), key=_size)
+        readers = consumers.get(weight.name, [])
+        node = readers[0] if readers else None
+        if node is not None and node.op_type == "DequantizeLinear":
+            node = (consumers.get(node.output[0]) or [None])[0]
+        spatial = shapes.get(node.output[0], []) if node is not None and node.output else []
+        work.append(_size(weight) * max(1, int(np.prod([d for d in spatial[2:] if d > 0]))) if len(spatial) > 2 else _size(weight))
+    return np.asarray(work, np.float64)
 
 
 def _variables_by_node(model: onnx.ModelProto, names: Sequence[str]) -> list[list[str]]:

@@ -251,6 +251,7 @@ class Campaign(RecordsMixin):
         events = np.empty(planned, np.int64)
         cells = np.empty(planned, np.int64)
         nans = np.empty(planned, np.int64)
+        self.stack_of(point)  # the session (a side session, stacked graphs) is set-up, not trials: built off the clock
         t0 = time.perf_counter()
         n, stopped, out_of_time = 0, False, False
         floor = min(options.min_trials, planned)

@@ -84,7 +84,7 @@ class PointResult:
     sdc1_events: np.ndarray
     faulty_cells: np.ndarray
     stopped_early: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # the trials' time: the point's session is built before its clock starts
     nan_outputs: np.ndarray | None = None
     stopped_by_budget: bool = False
 
