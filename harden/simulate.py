@@ -5,7 +5,10 @@ Three ways to run read-back variants (`ChipEvaluator(strategy=...)`):
 - "stack" (default): K variants side by side in one ordinary session (stacking.py: the weight
   layers widened K times, grouped convolutions), so K trials share one session build; a graph
   that cannot be widened (transformers) or a model too large for K copies of its weights runs
-  each variant as "rebuild" does. `logits_many` takes the variants; `logits` runs one.
+  each variant as "rebuild" does when convolutions do most of its multiply-adds (ResNet-50),
+  else as "feed" does (`conv_bound`): a MatMul fed its weights loses little, and a session
+  build per variant cost the ViT 3.1 to 3.7 clean passes per trial against 0.9 to 1.4 fed.
+  `logits_many` takes the variants; `logits` runs one.
 - "rebuild": an ordinary session per variant, its weights constant, so onnxruntime
   folds each DequantizeLinear and prepacks the weights (NCHWc convolutions). The model's bytes
   without the weight tensors are serialized once and each variant appends its tensors:
@@ -23,6 +26,7 @@ All run the chip's arithmetic (unfused QDQ): the same products, summed to float3
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +57,31 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
 
 
 STRATEGIES = ("stack", "rebuild", "feed")
+
+
+def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) -> bool:
+    """Whether convolutions do at least half of the model's weight multiply-adds per sample
+    (`weights`: each weight's consuming op type, node name and size): a weight's size times its
+    op's output positions (a Conv's spatial ones, a MatMul's tokens;
+    onnx's shape inference, 1 where unknown; an embedding table none). Feeding the weights as
+    inputs costs a convolution onnxruntime's blocked NCHWc kernels (2 to 4x), a MatMul little."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+                for vi in [*inferred.graph.value_info, *inferred.graph.output] if vi.type.tensor_type.HasField("shape")}
+    except Exception:  # noqa: BLE001 - an estimate: without shapes each weight counts once per sample
+        dims = {}
+    outputs = {n.name: n.output[0] for n in model.graph.node if n.output}
+    conv = other = 0.0
+    for op_type, node_name, size in weights:
+        out = dims.get(outputs.get(node_name, ""), [])
+        positions = out[2:] if op_type == "Conv" else out[1:-1]
+        work = size * float(np.prod([d for d in positions if d > 0])) if op_type != "Gather" else 0.0
+        if op_type == "Conv":
+            conv += work
+        else:
+            other += work
+    return conv >= other
 
 
 @dataclass
@@ -89,6 +118,8 @@ class ChipEvaluator:
         self.reference = reference
         self.batch = batch_size_for(model, 256)
         self._clean: np.ndarray | None = None
+        self._fed: ort.InferenceSession | None = None  # the weights-as-inputs session, when variants are fed
+        self._feeds: bool | None = None if strategy == "stack" else strategy == "feed"
 
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The first output (logits) on the whole data set with the given weights/biases.
@@ -125,11 +156,24 @@ class ChipEvaluator:
             return [self.logits(v) for v in variants]
         return self.stacked.logits(variants, self.data, fixed_batch(self._model))
 
+    @property
+    def feeds_values(self) -> bool:
+        """Whether a variant runs as feeds of one session: the feed strategy, or the stack
+        strategy on a graph it cannot widen whose multiply-adds are not mostly convolutions'
+        (`conv_bound`; decided by the model alone, so the figures never depend on timing)."""
+        if self._feeds is None:
+            self._feeds = self.stacked is None and not conv_bound(self._model, ((w.op_type, w.node_name, w.size) for w in self.table))
+        return self._feeds
+
     def session_for(self, values: dict[str, np.ndarray] | None = None) -> tuple[ort.InferenceSession, dict | None]:
         """The session that runs the model with `values` in place of its weights / biases, and
-        the feeds it needs besides the data (the values themselves for the feed strategy)."""
+        the feeds it needs besides the data (the values themselves when they are fed)."""
         if self._variants is None:
             return self.session, {**self.defaults, **(values or {})}
+        if self.feeds_values:
+            if self._fed is None:
+                self._fed = session(self.session_model)
+            return self._fed, {**self.defaults, **(values or {})}
         return self._variants.session_for(values), None
 
     @property

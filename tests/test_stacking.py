@@ -14,7 +14,7 @@ from harden.faults import parse_fault_spec
 from harden.faults.fp32 import FloatWeightEvaluator
 from harden.model import get_initializer, qdq_weights
 from harden.runtime import VariantSessions, run_batched
-from harden.simulate import ChipEvaluator, Reference
+from harden.simulate import ChipEvaluator, Reference, conv_bound
 from harden.stacking import StackedSessions, Unstackable, stacked_sessions
 
 
@@ -161,9 +161,10 @@ def test_padded_channels_change_nothing_a_trial_computes(head):
         np.testing.assert_allclose(lg.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_a_graph_that_cannot_be_widened_runs_one_session_per_trial(mlp_matmul, tabular_calib_npz, tmp_path):
-    """MatMul weights (the transformer case) are not stacked: the evaluator says stack 1 and a
-    campaign still runs."""
+def test_a_graph_that_cannot_be_widened_feeds_its_trials_to_one_session(mlp_matmul, tabular_calib_npz, int8_residual, tmp_path):
+    """MatMul weights (the transformer case) are not stacked: the evaluator says stack 1, and as
+    its work is MatMuls (simulate.conv_bound) a trial's weights are fed to one session instead
+    of a session built per trial, with the rebuilt sessions' figures; a campaign still runs."""
     from conftest import quantize_zoo_model
 
     q = onnx.load(str(quantize_zoo_model(mlp_matmul, tabular_calib_npz, tmp_path / "q.onnx")))
@@ -175,10 +176,17 @@ def test_a_graph_that_cannot_be_widened_runs_one_session_per_trial(mlp_matmul, t
     assert stacked_sessions(q, names) is None
     data = load_npz(tabular_calib_npz, q)
     ev = ChipEvaluator(q, data, Reference(data.labels, "labels"))
-    assert ev.stack == 1
+    assert ev.stack == 1 and ev.feeds_values
+    assert conv_bound(q, [(w.op_type, w.node_name, w.size) for w in table]) is False
+    r = onnx.load(str(int8_residual))
+    assert conv_bound(r, [(w.op_type, w.node_name, w.size) for w in qdq_weights(r)]) is True
     c = Campaign(q, data, parse_fault_spec("bitflip:1e-3"), evaluator=ev)
-    res = c.run_point(0, CampaignOptions(trials=3))
-    assert res.accuracy.size == 3
+    res = c.run_point(0, CampaignOptions(trials=6))
+    assert res.accuracy.size == 6 and np.std(res.accuracy) > 0
+    rebuilt = ChipEvaluator(q, data, Reference(data.labels, "labels"), strategy="rebuild")
+    assert not rebuilt.feeds_values
+    ref = Campaign(q, data, parse_fault_spec("bitflip:1e-3"), evaluator=rebuilt).run_point(0, CampaignOptions(trials=6))
+    assert np.max(np.abs(ref.accuracy - res.accuracy)) <= 1 / len(data) + 1e-12
 
 
 def test_campaign_figures_do_not_depend_on_how_trials_are_grouped(int8_residual, digits_test_npz):

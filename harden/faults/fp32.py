@@ -19,7 +19,8 @@ XORs the weight's uint32 view, so `describe_trial` lists exactly (tensor, flat i
 The session (`FloatWeightEvaluator`, campaign session kind "fp32"): ordinary onnxruntime
 sessions of the float model, its weights constant and prepacked: K trials side by side in one
 session where the graph allows (stacking.py), else one per trial (runtime.VariantSessions: the
-model's bytes plus the tensors the trial hit). A campaign scores the points against this session's own clean
+model's bytes plus the tensors the trial hit) when convolutions do most of the work, or one
+session fed each trial's weights as inputs otherwise (transformers; simulate.conv_bound). A campaign scores the points against this session's own clean
 predictions and reports how they compare with the model's ordinary session (`fp32.clean`).
 
 Exponent flips make huge weights, inf or NaN: setting bit 30 (the exponent's MSB, clear in
@@ -38,12 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from ..data import Dataset, top1
 from ..errors import InputError
 from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
-from ..runtime import VariantSessions, batch_size_for, fixed_batch, run_batched
-from ..simulate import weights_as_inputs
+from ..runtime import VariantSessions, batch_size_for, fixed_batch, run_batched, session
+from ..simulate import conv_bound, weights_as_inputs
 from ..stacking import StackedSessions, stacked_sessions, top1_of_trials
 from .base import (
     Injection,
@@ -166,6 +168,8 @@ class FloatWeightEvaluator(Session):
         self.data = data
         self.batch = batch_size_for(work, batch)
         self._output = self.session.get_outputs()[0].name
+        self._fed: ort.InferenceSession | None = None  # the weights-as-inputs session, when values are fed
+        self._feeds: bool | None = None
         self.clean_logits = self.logits(None)
         self.clean = top1(self.clean_logits)
 
@@ -176,7 +180,22 @@ class FloatWeightEvaluator(Session):
             self._model = weights_as_inputs(self._work, self._names)
         return self._model
 
+    @property
+    def feeds_values(self) -> bool:
+        """Whether values run as feeds of one session (`model`) rather than a session each: a
+        graph that cannot be stacked whose multiply-adds are not mostly convolutions'
+        (simulate.conv_bound, as the int8 evaluator decides)."""
+        if self._feeds is None:
+            work = ((op, node, self.values[n].size) for n, (op, node) in self.ops.items())
+            self._feeds = self.stacked is None and not conv_bound(self._work, work)
+        return self._feeds
+
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        if self.feeds_values:  # the clean logits too: a trial is compared with its own session's
+            if self._fed is None:
+                self._fed = session(self.model)
+            (out,) = run_batched(self._fed, self.data, self.batch, [self._output], {**self.values, **(values or {})})
+            return out
         (out,) = run_batched(self._variants.session_for(values), self.data, self.batch, [self._output])
         return out
 
