@@ -26,7 +26,8 @@ All run the chip's arithmetic (unfused QDQ): the same products, summed to float3
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,15 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
 
 
 STRATEGIES = ("stack", "rebuild", "feed")
+
+
+def fed_session(local: threading.local, model: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
+    """The calling thread's session of `model()` (built on first use in each thread, with the
+    thread's onnxruntime threads: trial threads run fed trials side by side, one core each)."""
+    sess = getattr(local, "session", None)
+    if sess is None:
+        sess = local.session = session(model())
+    return sess
 
 
 def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) -> bool:
@@ -118,7 +128,7 @@ class ChipEvaluator:
         self.reference = reference
         self.batch = batch_size_for(model, 256)
         self._clean: np.ndarray | None = None
-        self._fed: ort.InferenceSession | None = None  # the weights-as-inputs session, when variants are fed
+        self._fed = threading.local()  # each thread's weights-as-inputs session, when variants are fed
         self._feeds: bool | None = None if strategy == "stack" else strategy == "feed"
 
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -171,9 +181,7 @@ class ChipEvaluator:
         if self._variants is None:
             return self.session, {**self.defaults, **(values or {})}
         if self.feeds_values:
-            if self._fed is None:
-                self._fed = session(self.session_model)
-            return self._fed, {**self.defaults, **(values or {})}
+            return fed_session(self._fed, lambda: self.session_model), {**self.defaults, **(values or {})}
         return self._variants.session_for(values), None
 
     @property

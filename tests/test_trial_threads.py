@@ -93,3 +93,34 @@ def test_simulate_report_does_not_depend_on_jobs(int8_residual, digits_test_npz)
     assert report(1) == report(2)
     with pytest.raises(InputError, match="jobs"):
         ThreadTrials(0)
+
+
+def test_fed_trials_run_one_per_thread_with_the_figures_of_one_thread(mlp_matmul, tabular_calib_npz, tmp_path, monkeypatch):
+    """An unstackable MatMul graph (the transformer case) feeds its trials' weights to a session:
+    on trial threads each thread runs whole trials on a one-thread session of its own, and the
+    figures (int8 and float32 bit flips) are those of one thread on the default session."""
+    from conftest import quantize_zoo_model
+
+    q = onnx.load(str(quantize_zoo_model(mlp_matmul, tabular_calib_npz, tmp_path / "q.onnx")))
+    float_model = onnx.load(str(mlp_matmul))
+    calls: list[tuple[str, int | None]] = []
+    run_trials = Campaign.run_trials
+
+    def spy(self, *args, **kw):
+        calls.append((threading.current_thread().name, getattr(runtime._LOCAL, "threads", None)))
+        return run_trials(self, *args, **kw)
+
+    monkeypatch.setattr(Campaign, "run_trials", spy)
+    for model, spec in ((q, "bitflip:1e-3"), (float_model, "bitflip-fp32:1e-3")):
+        c = Campaign(model, load_npz(tabular_calib_npz, model), parse_fault_spec(spec), seed=3)
+        assert c.stack_of(0) == 1 and c.fed(0)
+        opts = CampaignOptions(trials=12, seed=3)
+        calls.clear()
+        one = c.run(opts, jobs=1)
+        assert {name for name, _ in calls} == {threading.current_thread().name}
+        calls.clear()
+        two = c.run(opts, jobs=2)
+        assert _figures(two) == _figures(one)
+        assert np.std(one.points[0].accuracy) > 0
+        assert len(calls) == 12 and all(name.startswith("harden-trials") and threads == 1 for name, threads in calls)
+        assert len({name for name, _ in calls}) == 2

@@ -181,6 +181,11 @@ class Campaign(RecordsMixin):
         k = max(1, int(self.session(self.points[point].space_kind)[0].stack))
         return k if planned is None else group_width(k, planned)
 
+    def fed(self, point: int) -> bool:
+        """Whether the point's trials run one per pass, fed to a session each thread builds for
+        itself (simulate.ChipEvaluator.feeds_values): trial threads can share them out."""
+        return bool(getattr(self.session(self.points[point].space_kind)[0], "feeds_values", False))
+
     def run_trials(self, point: int, start: int, stop: int, planned: int | None = None) -> list[TrialResult]:
         """Trials [start, stop) of `point`, in order. A session that runs several trials per
         pass (stacking.py) gets them in groups of `stack_of(point, planned)` from trial 0, trial

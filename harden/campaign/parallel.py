@@ -24,6 +24,8 @@ class Campaign(Protocol):
 
     def stack_of(self, point: int, planned: int | None = None) -> int: ...
 
+    def fed(self, point: int) -> bool: ...
+
     def run_trials(self, point: int, start: int, stop: int, planned: int | None = None) -> list[TrialResult]: ...
 
 
@@ -79,9 +81,12 @@ class ThreadTrials(TrialExecutor):
     onnxruntime splits a pass over small batches poorly (a clean pass 7.9 ms on one thread,
     6.7 ms on two), and while one thread draws faults or builds a session the other runs a pass.
     Threads rather than processes: nothing to start or copy (the model, the data and the layouts
-    stay shared); onnxruntime and numpy's sorts release the GIL. A point whose trials run one
-    session each (unstackable graphs, models too big to stack) runs on the calling thread, its
-    passes on every core. Figures do not change: a trial's group and slot are fixed by the trial
+    stay shared); onnxruntime and numpy's sorts release the GIL. A point whose trials are fed to
+    an unstackable graph (transformers, `Campaign.fed`) runs one trial per thread, each thread on
+    a session of its own (the ViT: two one-thread sessions side by side 5-7 ms per pass, one
+    two-thread session 11-21 ms); a point whose trials each build a session (conv-bound models too
+    big to stack: ResNet-50) runs on the calling thread, its passes on every core, one session's
+    memory at a time. Figures do not change: a trial's group and slot are fixed by the trial
     index and the point's trial count (Campaign.run_trials), whichever thread runs it."""
 
     def __init__(self, jobs: int | None = None):
@@ -96,9 +101,9 @@ class ThreadTrials(TrialExecutor):
         caller that stops early closes the generator, which cancels the groups not started and
         waits for the running ones."""
         width = campaign.stack_of(point, planned)  # builds the point's session here, not in the threads
-        groups = aligned_spans(start, stop, stop - start, width)  # one span per group
-        if width < 2 or self.parallelism < 2 or len(groups) < 2:  # one session per trial, or one group
-            yield from campaign.run_trials(point, start, stop, planned)
+        groups = aligned_spans(start, stop, stop - start, width)  # one span per group (or trial)
+        if self.parallelism < 2 or len(groups) < 2 or (width < 2 and not campaign.fed(point)):
+            yield from campaign.run_trials(point, start, stop, planned)  # one group, or a session built per trial
             return
         jobs = [self._pool.submit(campaign.run_trials, point, a, b, planned) for a, b in groups]
         try:

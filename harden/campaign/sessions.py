@@ -56,6 +56,10 @@ class WeightSession(Session):
     def stack(self) -> int:  # type: ignore[override]
         return self.evaluator.stack
 
+    @property
+    def feeds_values(self) -> bool:
+        return self.evaluator.feeds_values
+
     def predictions_many(self, injections: list[Injection | None]) -> list[np.ndarray]:
         """Each injection's top-1, `stack` trials per session (an injection that hits nothing
         keeps its slot, run clean, and gets the clean predictions)."""

@@ -37,15 +37,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import threading
+
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from ..data import Dataset, top1
 from ..errors import InputError
 from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
-from ..runtime import VariantSessions, batch_size_for, fixed_batch, run_batched, session
-from ..simulate import conv_bound, weights_as_inputs
+from ..runtime import VariantSessions, batch_size_for, fixed_batch, run_batched
+from ..simulate import conv_bound, fed_session, weights_as_inputs
 from ..stacking import StackedSessions, stacked_sessions, top1_of_trials
 from .base import (
     Injection,
@@ -168,7 +169,7 @@ class FloatWeightEvaluator(Session):
         self.data = data
         self.batch = batch_size_for(work, batch)
         self._output = self.session.get_outputs()[0].name
-        self._fed: ort.InferenceSession | None = None  # the weights-as-inputs session, when values are fed
+        self._fed = threading.local()  # each thread's weights-as-inputs session, when values are fed
         self._feeds: bool | None = None
         self.clean_logits = self.logits(None)
         self.clean = top1(self.clean_logits)
@@ -192,9 +193,8 @@ class FloatWeightEvaluator(Session):
 
     def logits(self, values: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if self.feeds_values:  # the clean logits too: a trial is compared with its own session's
-            if self._fed is None:
-                self._fed = session(self.model)
-            (out,) = run_batched(self._fed, self.data, self.batch, [self._output], {**self.values, **(values or {})})
+            sess = fed_session(self._fed, lambda: self.model)
+            (out,) = run_batched(sess, self.data, self.batch, [self._output], {**self.values, **(values or {})})
             return out
         (out,) = run_batched(self._variants.session_for(values), self.data, self.batch, [self._output])
         return out
