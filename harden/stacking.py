@@ -46,8 +46,8 @@ position t % w of group t // w (campaign/engine.py), so figures do not depend on
 workers run the groups.
 
 A graph with any other op on a stacked tensor (Reshape, Transpose, MatMul between activations,
-Concat, LayerNormalization: transformers) is not stacked (`Unstackable`): its trials keep one
-session each (runtime.VariantSessions). Written here rather than taken from a library: neither
+Concat, LayerNormalization: transformers) is not stacked (`Unstackable`): its trials run one per
+pass, fed to a session or on a session each (simulate.conv_bound). Written here rather than taken from a library: neither
 onnxruntime nor onnx offers a batched-weights rewrite of a graph.
 """
 

@@ -57,14 +57,19 @@ def test_stacked_trials_compute_what_one_session_per_trial_computes(which, reque
     variants = _variants(values, 6, seed=1)
     stacked = StackedSessions(model, names, 4)
     got = stacked.logits(variants, data, None)  # 6 variants: a group of 4, then one of 2 (a 2-wide graph)
+    _assert_own_sessions_agree(model, names, variants, got, data)
+    assert len({top1(lg).tobytes() for lg in got}) > 1  # the variants differ: the test can fail
+
+
+def _assert_own_sessions_agree(model, names, variants, got, data) -> None:
+    """Each variant's stacked logits against its own ordinary session's: the same products and
+    sums; the arithmetic tolerance allows one sample to part."""
     single = VariantSessions(model, names)
     for v, lg in zip(variants, got):
         sess = single.session_for(v)
         (ref,) = run_batched(sess, data, 256, [sess.get_outputs()[0].name])
         assert lg.shape == ref.shape
-        # the same products and sums; the arithmetic tolerance allows one sample to part
         assert np.mean(np.abs(lg - ref) > 1e-6) <= 0.01 and (top1(lg) != top1(ref)).sum() <= 1
-    assert len({top1(lg).tobytes() for lg in got}) > 1  # the variants differ: the test can fail
 
 
 @pytest.mark.parametrize("which", ["int8_residual", "int8_clipped"])
@@ -95,12 +100,7 @@ def test_layers_before_a_trials_first_fault_run_once(which, request, digits_test
     assert profile[0] == 0 and profile[1] == 1 and profile[-1] == 3  # three faulty trials, from the second layer on
     assert order[:3] == [4, 2, 1]
     got = stacked.logits(variants, data, None)
-    single = VariantSessions(model, names)
-    for v, lg in zip(variants, got):
-        sess = single.session_for(v)
-        (ref,) = run_batched(sess, data, 256, [sess.get_outputs()[0].name])
-        assert lg.shape == ref.shape
-        assert np.mean(np.abs(lg - ref) > 1e-6) <= 0.01 and (top1(lg) != top1(ref)).sum() <= 1
+    _assert_own_sessions_agree(model, names, variants, got, data)
     assert np.array_equal(got[0], got[3]) and np.array_equal(got[0], got[5])  # one clean block
     assert len({top1(lg).tobytes() for lg in got}) == 4  # the faulty trials differ: the test can fail
 

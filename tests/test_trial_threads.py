@@ -29,17 +29,23 @@ def _figures(result):
             for p in result.points]
 
 
-def test_threads_give_the_figures_of_one_thread(campaign, monkeypatch):
-    k = campaign.stack_of(0)
-    assert k > 1
-    calls: list[tuple[str, int | None]] = []
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple[str, int | None]]:
+    """(thread name, its sessions' onnxruntime threads) of every Campaign.run_trials call."""
+    seen: list[tuple[str, int | None]] = []
     run_trials = Campaign.run_trials
 
     def spy(self, *args, **kw):
-        calls.append((threading.current_thread().name, getattr(runtime._LOCAL, "threads", None)))
+        seen.append((threading.current_thread().name, getattr(runtime._LOCAL, "threads", None)))
         return run_trials(self, *args, **kw)
 
     monkeypatch.setattr(Campaign, "run_trials", spy)
+    return seen
+
+
+def test_threads_give_the_figures_of_one_thread(campaign, calls):
+    k = campaign.stack_of(0)
+    assert k > 1
     opts = CampaignOptions(trials=3 * k + 1, seed=3)  # 4 groups a point
     one = campaign.run(opts, jobs=1)
     assert {name for name, _ in calls} == {threading.current_thread().name}
@@ -95,7 +101,7 @@ def test_simulate_report_does_not_depend_on_jobs(int8_residual, digits_test_npz)
         ThreadTrials(0)
 
 
-def test_fed_trials_run_one_per_thread_with_the_figures_of_one_thread(mlp_matmul, tabular_calib_npz, tmp_path, monkeypatch):
+def test_fed_trials_run_one_per_thread_with_the_figures_of_one_thread(mlp_matmul, tabular_calib_npz, tmp_path, calls):
     """An unstackable MatMul graph (the transformer case) feeds its trials' weights to a session:
     on trial threads each thread runs whole trials on a one-thread session of its own, and the
     figures (int8 and float32 bit flips) are those of one thread on the default session."""
@@ -103,14 +109,6 @@ def test_fed_trials_run_one_per_thread_with_the_figures_of_one_thread(mlp_matmul
 
     q = onnx.load(str(quantize_zoo_model(mlp_matmul, tabular_calib_npz, tmp_path / "q.onnx")))
     float_model = onnx.load(str(mlp_matmul))
-    calls: list[tuple[str, int | None]] = []
-    run_trials = Campaign.run_trials
-
-    def spy(self, *args, **kw):
-        calls.append((threading.current_thread().name, getattr(runtime._LOCAL, "threads", None)))
-        return run_trials(self, *args, **kw)
-
-    monkeypatch.setattr(Campaign, "run_trials", spy)
     for model, spec in ((q, "bitflip:1e-3"), (float_model, "bitflip-fp32:1e-3")):
         c = Campaign(model, load_npz(tabular_calib_npz, model), parse_fault_spec(spec), seed=3)
         assert c.stack_of(0) == 1 and c.fed(0)
