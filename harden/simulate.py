@@ -72,9 +72,9 @@ def fed_session(local: threading.local, model: Callable[[], onnx.ModelProto]) ->
 def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) -> bool:
     """Whether convolutions do at least half of the model's weight multiply-adds per sample
     (`weights`: each weight's consuming op type, node name and size): a weight's size times its
-    op's output positions (a Conv's spatial ones, a MatMul's tokens;
-    onnx's shape inference, 1 where unknown; an embedding table none). Feeding the weights as
-    inputs costs a convolution onnxruntime's blocked NCHWc kernels (2 to 4x), a MatMul little."""
+    op's output positions (a convolution's spatial ones, a MatMul's tokens; onnx's shape
+    inference, 1 where unknown; an embedding table none). Feeding the weights as inputs costs a
+    convolution onnxruntime's blocked NCHWc kernels (2 to 4x), a MatMul little."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
         dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
@@ -85,9 +85,10 @@ def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) 
     conv = other = 0.0
     for op_type, node_name, size in weights:
         out = dims.get(outputs.get(node_name, ""), [])
-        positions = out[2:] if op_type == "Conv" else out[1:-1]
+        spatial = op_type in ("Conv", "ConvTranspose")
+        positions = out[2:] if spatial else out[1:-1]
         work = size * float(np.prod([d for d in positions if d > 0])) if op_type != "Gather" else 0.0
-        if op_type == "Conv":
+        if spatial:
             conv += work
         else:
             other += work

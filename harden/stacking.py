@@ -27,11 +27,11 @@ block per trial faulty at or before it; a narrower input takes the clean tensor 
 trial with no fault upstream of a tensor has its clean value there: a Concat on the channels,
 which onnxruntime keeps in its blocked layout, where a Gather made it reorder every tensor and
 cost more than it saved). The output holds one block per faulty trial and one clean block that
-the group's clean slots share (a group that would save less than MIN_SAVING of the
-multiply-adds runs every trial from the first layer on). Sparse faults gain the most: 100 trials of bit flips on the
-MobileNetV2 took 0.62x the time of the all-wide graph at 1e-5, 0.86x at 1e-4; the residual CNN
-0.9x (int8, 1e-4) and 0.95x (fp32, 1e-5); a fault everywhere (stuck-at 0.04) runs the same
-graph as before (bench/results, docs/results.md).
+the group's clean slots share; a group that would save less than MIN_SAVING of the
+multiply-adds runs every trial from the first layer on. Sparse faults gain the most: 100
+trials of bit flips on the MobileNetV2 took 0.62x the time of the all-wide graph at 1e-5, 0.86x
+at 1e-4; the residual CNN 0.9x (int8, 1e-4) and 0.95x (fp32, 1e-5); a fault everywhere
+(stuck-at 0.04) runs the same graph as before (bench/results, docs/results.md).
 
 Every trial computes exactly the products and sums of its own single-trial graph, with the
 same per-tensor activation scales (a fault changes weights, never quantization parameters; a
@@ -47,8 +47,8 @@ workers run the groups.
 
 A graph with any other op on a stacked tensor (Reshape, Transpose, MatMul between activations,
 Concat, LayerNormalization: transformers) is not stacked (`Unstackable`): its trials run one per
-pass, fed to a session or on a session each (simulate.conv_bound). Written here rather than taken from a library: neither
-onnxruntime nor onnx offers a batched-weights rewrite of a graph.
+pass, fed to a session or on a session each (simulate.conv_bound). Written here rather than
+taken from a library: neither onnxruntime nor onnx offers a batched-weights rewrite of a graph.
 """
 
 from __future__ import annotations
@@ -193,9 +193,8 @@ class StackedSessions:
         """The slots in block order (by the first weight node where each differs from the clean
         values, then by slot) and the profile they need (`_layout`): how many differ at or
         before each weight node; every slot from the first node on when that saves less than
-        MIN_SAVING of the multiply-adds.
-        A variant's arrays are compared once each (by identity: a trial's
-        untouched tensors are the same arrays in every slot), bit for bit."""
+        MIN_SAVING of the multiply-adds. A variant's arrays are compared once each (by
+        identity: a trial's untouched tensors are the same arrays in every slot), bit for bit."""
         verdict: dict[tuple[str, int], bool] = {}
 
         def differs(slot: dict[str, np.ndarray], name: str) -> bool:

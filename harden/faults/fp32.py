@@ -20,8 +20,9 @@ The session (`FloatWeightEvaluator`, campaign session kind "fp32"): ordinary onn
 sessions of the float model, its weights constant and prepacked: K trials side by side in one
 session where the graph allows (stacking.py), else one per trial (runtime.VariantSessions: the
 model's bytes plus the tensors the trial hit) when convolutions do most of the work, or one
-session fed each trial's weights as inputs otherwise (transformers; simulate.conv_bound). A campaign scores the points against this session's own clean
-predictions and reports how they compare with the model's ordinary session (`fp32.clean`).
+session fed each trial's weights as inputs otherwise (transformers; simulate.conv_bound). A
+campaign scores the points against this session's own clean predictions and reports how they
+compare with the model's ordinary session (`fp32.clean`).
 
 Exponent flips make huge weights, inf or NaN: setting bit 30 (the exponent's MSB, clear in
 every weight below 2 in magnitude) multiplies a weight by 2^128 (about 3.4e38), and a weight in
@@ -35,9 +36,8 @@ lowest index. The report gives, per fp32 point, the fraction of outputs with a N
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
