@@ -75,6 +75,12 @@ def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) 
     op's output positions (a convolution's spatial ones, a MatMul's tokens; onnx's shape
     inference, 1 where unknown; an embedding table none). Feeding the weights as inputs costs a
     convolution onnxruntime's blocked NCHWc kernels (2 to 4x), a MatMul little."""
+    weights = list(weights)
+    convs = ("Conv", "ConvTranspose")
+    if not any(op == "MatMul" for op, _, _ in weights):  # no shapes needed (ResNet-50's are 100 MB)
+        conv_weights = sum(size for op, _, size in weights if op in convs)
+        if conv_weights >= sum(size for op, _, size in weights if op not in convs and op != "Gather"):
+            return True  # a convolution does at least its weights' count per sample, a Gemm exactly that
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
         dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
@@ -85,7 +91,7 @@ def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) 
     conv = other = 0.0
     for op_type, node_name, size in weights:
         out = dims.get(outputs.get(node_name, ""), [])
-        spatial = op_type in ("Conv", "ConvTranspose")
+        spatial = op_type in convs
         positions = out[2:] if spatial else out[1:-1]
         work = size * float(np.prod([d for d in positions if d > 0])) if op_type != "Gather" else 0.0
         if spatial:
