@@ -334,6 +334,30 @@ def qdq_weights(model: onnx.ModelProto) -> list[QWeight]:
     return list(table.values())
 
 
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
+def output_positions(model: onnx.ModelProto) -> dict[str, int]:
+    """Per node (by its first output): at how many output positions per sample each of its
+    weights is used, from onnx's shape inference: a convolution's spatial output size, another
+    op's rows per sample (a MatMul's tokens; 1 for a 2-D output); an unknown dimension counts 1,
+    a node whose output shape is unknown is left out. A weight's size times this is its
+    multiply-adds per sample."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an estimate: the callers count 1 where a shape is missing
+        return {}
+    dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in [*inferred.graph.value_info, *inferred.graph.output] if vi.type.tensor_type.HasField("shape")}
+    out = {}
+    for node in model.graph.node:
+        if node.output and node.output[0] in dims:
+            shape = dims[node.output[0]]
+            positions = shape[2:] if node.op_type in CONV_OPS else shape[1:-1]
+            out[node.output[0]] = int(np.prod([d for d in positions if d > 0]))
+    return out
+
+
 def consumers_of(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Tensor name -> the nodes that read it (once per input slot), in graph order."""
     consumers: dict[str, list[onnx.NodeProto]] = {}

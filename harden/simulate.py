@@ -37,7 +37,7 @@ import onnxruntime as ort
 from .data import Dataset, accuracy, top1
 from .faultmap import FaultMap, read_back
 from .memory import MemoryMap
-from .model import channel_sign_scales, get_initializer, qdq_weights
+from .model import CONV_OPS, channel_sign_scales, get_initializer, output_positions, qdq_weights
 from .runtime import VariantSessions, batch_size_for, fixed_batch, run_batched, session
 from .stacking import CHANNEL_BLOCK, StackedSessions, stacked_sessions
 
@@ -72,29 +72,19 @@ def fed_session(local: threading.local, model: Callable[[], onnx.ModelProto]) ->
 def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) -> bool:
     """Whether convolutions do at least half of the model's weight multiply-adds per sample
     (`weights`: each weight's consuming op type, node name and size): a weight's size times its
-    op's output positions (a convolution's spatial ones, a MatMul's tokens; onnx's shape
-    inference, 1 where unknown; an embedding table none). Feeding the weights as inputs costs a
+    op's output positions (model.output_positions; an embedding table none). Feeding the weights as inputs costs a
     convolution onnxruntime's blocked NCHWc kernels (2 to 4x), a MatMul little."""
     weights = list(weights)
-    convs = ("Conv", "ConvTranspose")
     if not any(op == "MatMul" for op, _, _ in weights):  # no shapes needed (ResNet-50's are 100 MB)
-        conv_weights = sum(size for op, _, size in weights if op in convs)
-        if conv_weights >= sum(size for op, _, size in weights if op not in convs and op != "Gather"):
+        conv_weights = sum(size for op, _, size in weights if op in CONV_OPS)
+        if conv_weights >= sum(size for op, _, size in weights if op not in CONV_OPS and op != "Gather"):
             return True  # a convolution does at least its weights' count per sample, a Gemm exactly that
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
-                for vi in [*inferred.graph.value_info, *inferred.graph.output] if vi.type.tensor_type.HasField("shape")}
-    except Exception:  # noqa: BLE001 - an estimate: without shapes each weight counts once per sample
-        dims = {}
+    positions = output_positions(model)
     outputs = {n.name: n.output[0] for n in model.graph.node if n.output}
     conv = other = 0.0
     for op_type, node_name, size in weights:
-        out = dims.get(outputs.get(node_name, ""), [])
-        spatial = op_type in convs
-        positions = out[2:] if spatial else out[1:-1]
-        work = size * float(np.prod([d for d in positions if d > 0])) if op_type != "Gather" else 0.0
-        if spatial:
+        work = 0.0 if op_type == "Gather" else float(size) * positions.get(outputs.get(node_name, ""), 1)
+        if op_type in CONV_OPS:
             conv += work
         else:
             other += work

@@ -63,7 +63,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .data import Dataset, top1
-from .model import consumers_of
+from .model import consumers_of, output_positions
 from .runtime import initializer_bytes, run_batched, session
 
 #: Ops that act on each channel alone (element-wise with constants, which are repeated per trial
@@ -290,15 +290,10 @@ def stacked_sessions(model: onnx.ModelProto, names: Sequence[str], pad_to: int =
 
 def _node_work(model: onnx.ModelProto, node_names: list[list[str]]) -> np.ndarray:
     """Multiply-adds per sample of each weight node (`_variables_by_node`'s order): its weight's
-    size times its output's spatial size (onnx's shape inference; 1 where unknown, a Gemm)."""
+    size times its output positions (model.output_positions; 1 where unknown)."""
     inits = {t.name: t for t in model.graph.initializer}
     consumers = consumers_of(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-                  for vi in [*inferred.graph.value_info, *inferred.graph.output] if vi.type.tensor_type.HasField("shape")}
-    except Exception:  # noqa: BLE001 - an estimate: without shapes every node counts its weights alone
-        shapes = {}
+    positions = output_positions(model)
     work = []
     for names in node_names:
         weight = max((inits[n] for n in names), key=_size)
@@ -306,8 +301,7 @@ def _node_work(model: onnx.ModelProto, node_names: list[list[str]]) -> np.ndarra
         node = readers[0] if readers else None
         if node is not None and node.op_type == "DequantizeLinear":
             node = (consumers.get(node.output[0]) or [None])[0]
-        spatial = shapes.get(node.output[0], []) if node is not None and node.output else []
-        work.append(_size(weight) * max(1, int(np.prod([d for d in spatial[2:] if d > 0]))) if len(spatial) > 2 else _size(weight))
+        work.append(_size(weight) * (positions.get(node.output[0], 1) if node is not None and node.output else 1))
     return np.asarray(work, np.float64)
 
 
