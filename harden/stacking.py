@@ -162,11 +162,11 @@ class StackedSessions:
         self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
         self._model = model
         self._node_names = _variables_by_node(model, self.names)
-        self._node_work = _node_work(model, self._node_names)
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._clean_parts: dict[tuple[str, int], bytes] = {}
         self._layout_lock = threading.Lock()  # trial threads (campaign/parallel.py) share the layouts
         self._layout(self.k)  # Unstackable here, not at the first trial
+        self._node_work = _node_work(model, self._node_names)  # after: an unstackable graph needs no shapes
 
     def _layout(self, profile: int | tuple[int, ...], slots: int | None = None) -> _Layout:
         """The graph for `slots` trials (default: the profile's width) and a profile: per weight
