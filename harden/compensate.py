@@ -29,6 +29,7 @@ import numpy as np
 
 from .faq_table import FAQTable, faq_remap
 from .faultmap import read_back
+from .lowrank import LowRank
 
 DAMPENING = 0.01  # fraction of mean(diag(H)) added to the diagonal, as GPTQ does
 #: absorbing_targets' pull towards the layer's own targets, as a fraction of mean(diag(H)).
@@ -134,7 +135,7 @@ def remap_rows(
     sa0: np.ndarray,
     sa1: np.ndarray,
     table: FAQTable,
-    hessian: np.ndarray | None,
+    hessian: np.ndarray | LowRank | None,
     block: int = BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FAQ codes for one group of rows, with error feedback when the input `hessian` is given,
@@ -154,7 +155,8 @@ def remap_rows(
     return codes, forced
 
 
-def absorbing_targets(targets: np.ndarray, hessian: np.ndarray, cross: np.ndarray, dampening: float | None = None) -> np.ndarray:
+def absorbing_targets(targets: np.ndarray, hessian: np.ndarray | LowRank, cross: np.ndarray | LowRank,
+                      dampening: float | None = None) -> np.ndarray:
     """Targets (rows x d, code units) that map this layer's actual input x onto what the
     reference input r gave, regularised towards the targets themselves:
 
@@ -164,6 +166,12 @@ def absorbing_targets(targets: np.ndarray, hessian: np.ndarray, cross: np.ndarra
     input's weak directions). With x the input after the layers already hardened and r the plain
     int8 model's, a layer absorbs the error its predecessors left, as GPTQ's sequential mode does.
     """
+    if isinstance(hessian, LowRank):  # n < d picked rows: an n x n solve (harden.lowrank)
+        h_diag = hessian.diagonal()
+        damp = (ABSORB_DAMPENING if dampening is None else dampening) * float(np.mean(h_diag))
+        if damp <= 0:
+            return targets
+        return hessian.solve_right(targets @ cross + damp * targets, damp + np.where(h_diag <= 0, 1.0, 0.0))
     diag = np.diag_indices_from(hessian)
     h_diag, c_diag = hessian[diag].copy(), cross[diag].copy()
     dead = h_diag <= 0

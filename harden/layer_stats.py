@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .data import Dataset
+from .lowrank import LowRankGroups
 from .model import QWeight
 from .runtime import batch_size_for, capture
 
@@ -123,38 +124,56 @@ def evenly_spaced(cols: np.ndarray, n: int) -> np.ndarray:
 
 
 class _Gram:
-    """Sums over batches of weight_b * a_b^T b_b (per group), in as few products as memory
-    allows: the picked rows are kept (float32: they are float32 activations, so nothing is lost)
-    until they number d, then multiplied at once. A product per batch cost d x d work whatever
-    the rows: ResNet-50's fixed batch of 1 gave its 4608-wide layers 18 rows per batch, and 144
-    products of 4608 x 4608 took 14 s of its 45 s of statistics (about 18 s in all now)."""
+    """Per layer, the sums over batches of w_b x_b^T x_b and, when paired, w_b r_b^T x_b (per
+    group), in as few products as memory allows: the picked rows are kept (float32: they are
+    float32 activations, so nothing is lost; x once for both sums) until they number d, then
+    multiplied at once. A product per batch cost d x d work whatever the rows: ResNet-50's
+    fixed batch of 1 gave its 4608-wide layers 18 rows per batch, and 144 products of
+    4608 x 4608 took 14 s of its 45 s of statistics (about 18 s in all now). Rows that never
+    reach d are never multiplied out: `pop` hands them over as harden.lowrank factors."""
 
     def __init__(self) -> None:
-        self._parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, float]]] = {}
-        self._sums: dict[tuple[str, str], np.ndarray] = {}
+        self._parts: dict[str, list[tuple[np.ndarray, np.ndarray | None, float]]] = {}
+        self._sums: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
 
-    def add(self, key: tuple[str, str], a: np.ndarray, b: np.ndarray, weight: float) -> None:
-        parts = self._parts.setdefault(key, [])
-        parts.append((a.astype(np.float32), b.astype(np.float32), float(weight)))
-        if sum(p[0].shape[1] for p in parts) >= a.shape[2]:
-            self._flush(key)
+    def add(self, name: str, x: np.ndarray, weight: float, r: np.ndarray | None = None) -> None:
+        parts = self._parts.setdefault(name, [])
+        parts.append((x.astype(np.float32), None if r is None else r.astype(np.float32), float(weight)))
+        if sum(p[0].shape[1] for p in parts) >= x.shape[2]:
+            self._flush(name)
 
-    def _flush(self, key: tuple[str, str]) -> None:
-        parts = self._parts.pop(key, [])
+    def _flush(self, name: str) -> None:
+        parts = self._parts.pop(name, [])
         if not parts:
             return
-        a = np.concatenate([p[0].astype(np.float64) * p[2] for p in parts], axis=1)
-        b = np.concatenate([p[1] for p in parts], axis=1).astype(np.float64)
-        product = np.matmul(a.transpose(0, 2, 1), b)
-        if key in self._sums:
-            self._sums[key] += product
-        else:
-            self._sums[key] = product
+        b = np.concatenate([p[0] for p in parts], axis=1).astype(np.float64)
 
-    def pop(self, key: tuple[str, str]) -> np.ndarray:
-        """sum_b weight_b a_b^T b_b, shape (groups, d, d), float64."""
-        self._flush(key)
-        return self._sums.pop(key)
+        def product(i: int) -> np.ndarray:
+            a = np.concatenate([p[i].astype(np.float64) * p[2] for p in parts], axis=1)
+            return np.matmul(a.transpose(0, 2, 1), b)
+
+        xx, rx = product(0), None if parts[0][1] is None else product(1)
+        if name in self._sums:
+            sum_xx, sum_rx = self._sums[name]
+            sum_xx += xx
+            if rx is not None:
+                sum_rx += rx
+        else:
+            self._sums[name] = (xx, rx)
+
+    def pop(self, name: str) -> tuple:
+        """(sum_b w_b x_b^T x_b, sum_b w_b r_b^T x_b or None), each (groups, d, d): float64
+        arrays, or LowRankGroups when fewer than d rows were picked in all."""
+        if name in self._sums:
+            self._flush(name)
+            return self._sums.pop(name)
+        parts = self._parts.pop(name)
+        root = np.concatenate([np.full(p[0].shape[1], np.sqrt(p[2])) for p in parts])[None, :, None]
+        x = np.concatenate([p[0] for p in parts], axis=1).astype(np.float64) * root
+        if parts[0][1] is None:
+            return LowRankGroups(x, x), None
+        r = np.concatenate([p[1] for p in parts], axis=1).astype(np.float64) * root
+        return LowRankGroups(x, x), LowRankGroups(r, x)
 
 
 def collect(
@@ -189,7 +208,7 @@ def collect(
             st.sum_x += cols.sum(axis=1)
             if with_hessian:
                 pick = evenly_spaced(cols, per_batch)
-                gram.add((w.name, "xx"), pick, pick, r / pick.shape[1])
+                gram.add(w.name, pick, r / pick.shape[1])
             st.rows += r
 
     names = sorted({w.activation for w in layers})
@@ -197,7 +216,7 @@ def collect(
         capture(model, data, names, on_batch, batch_size=batch)
     if with_hessian:
         for name, st in stats.items():
-            st.sum_xx = gram.pop((name, "xx"))
+            st.sum_xx = gram.pop(name)[0]
     return stats
 
 
@@ -216,7 +235,7 @@ class PairedStats(LayerStats):
     def _products(self) -> None:
         if self.pending is not None:
             gram, name = self.pending
-            self.sum_xx, self.sum_rx = gram.pop((name, "xx")), gram.pop((name, "rx"))
+            self.sum_xx, self.sum_rx = gram.pop(name)
             self.pending = None
 
     def hessian(self, *, release: bool = False) -> np.ndarray:
@@ -282,8 +301,7 @@ def collect_paired(
             weight = r / pick.shape[1]
             st.sum_x += cols.sum(axis=1)
             st.sum_r += ref_sum
-            gram.add((w.name, "xx"), pick, pick, weight)
-            gram.add((w.name, "rx"), ref_pick, pick, weight)
+            gram.add(w.name, pick, weight, ref_pick)
             st.rows += r
 
     names = sorted({w.activation for w in layers})

@@ -7,6 +7,7 @@ clear `InputError` (exit 2) and never a protobuf traceback.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,10 +179,25 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> int:
     return dropped
 
 
+def _import_onnxsim():
+    """onnxsim, imported without torch: onnxsim 0.8 imports torch at import time when it is
+    installed (for a PPQ bridge harden never calls), which cost a process 180 MB of resident
+    memory and a second for the rest of its life (ResNet-50's apply). A torch already imported
+    (a notebook, the train extra's passes) is left alone."""
+    if "torch" in sys.modules:
+        import onnxsim
+        return onnxsim
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        import onnxsim
+    finally:
+        del sys.modules["torch"]
+    return onnxsim
+
+
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant-fold and clean the graph with onnxsim (folds ConstantOfShape weights, fuses BN)."""
-    import onnxsim
-
+    onnxsim = _import_onnxsim()
     try:
         simplified, ok = onnxsim.simplify(model)
     except Exception as exc:
