@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .allocator import release_memory
 from .campaign import Campaign, CampaignOptions
 from .data import Dataset
 from .faults import parse_fault_spec
@@ -63,7 +64,9 @@ def _quantized(float_model: onnx.ModelProto, calib: Dataset, seed: int, clip: Cl
     ctx = PassContext(calib=calib, seed=seed)
     if clip is not None:
         m = clip.call(m, ctx).model
-    return QuantizePass().call(m, ctx).model
+    quantized = QuantizePass().call(m, ctx).model
+    release_memory()  # onnxruntime's quantizer leaves hundreds of MB freed but kept (harden.allocator)
+    return quantized
 
 
 def search_clip(
@@ -108,10 +111,12 @@ def search_clip(
     # one capture of the float model's activations serves every candidate's thresholds
     probe = ClipPass(style)
     guarded = probe.guarded_output(float_model) if probe.output_guard else None
+    release_memory()  # the base candidate's sessions
     thresholds = calibrate_thresholds(float_model, calib.take(probe.calib_samples), percentiles, guarded)
     for p in percentiles:
         clip = ClipPass(style, p, thresholds=thresholds.pop(p))
         clean, auc = measure(_quantized(float_model, calib, seed, clip), base_clean - tolerance)
+        release_memory()
         ok = clean >= base_clean - tolerance
         row = {"percentile": p, "clean": round(clean, 6), "auc": None if auc is None else round(auc, 6), "acceptable": ok}
         if auc is None:

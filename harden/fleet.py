@@ -305,6 +305,7 @@ def apply_fleet(
     say("load")
     model, calib, evald, eval_record = load_inputs(model_path, data_path, eval_data_path)
     shared = build_shared(model, calib, evald, opts, say)
+    del model  # `shared` holds what the chips need
     # FAQ's calibration statistics are chip independent: collect them here, once.
     t0 = time.perf_counter()
     shared_evaluator = reference_evaluator(shared)

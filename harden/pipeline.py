@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import onnx
 
 from . import __version__, arithmetic
+from .allocator import release_memory
 from .data import Dataset, accuracy, load_npz, split_held_out, top1
 from .errors import InputError
 from .faultmap import FaultMap, is_csv_map, read_faultmap
@@ -260,6 +261,7 @@ def apply(
         say(f"campaign: {len(variants)} models x {len(points) + 1} points x {trials} trials, {passes} evaluation passes, "
             f"about {passes * one_pass:.0f} s" + (f" (--budget {cfg.campaign.budget:g} s cut {cfg.campaign.trials} trials)"
                                                    if trials < cfg.campaign.trials else ""))
+        release_memory()  # FAQ's and the on-chip evaluation's temporaries (harden.allocator)
         results["resilience"] = measure(variants, evald, shared.reference()[1], [ChipFaults(fm, layout=cfg.layout), *points],
                                         trials=trials, seed=cfg.seed)
         if trials < cfg.campaign.trials:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
+from ..allocator import release_memory
 from ..data import Dataset
 from ..errors import InputError
 from ..model import is_qdq_int8
@@ -163,6 +164,7 @@ class PassManager:
             ctx.say(p.name)
             t0 = time.perf_counter()
             result = p.call(model, ctx)
+            release_memory()
             record = {"pass": p.name, "modified": result.modified, "seconds": round(time.perf_counter() - t0, 4), **result.record}
             record["note"] = p.note(record)  # the report prints it: a plugin pass describes itself too
             model = result.model

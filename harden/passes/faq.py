@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .. import __version__
+from ..allocator import release_memory
 from ..compensate import absorbing_targets, bias_delta, remap_rows
 from ..faq_table import FAQTable, faq_remap, pattern_keys
 from ..faultmap import FaultMap, read_back
@@ -154,6 +155,7 @@ class FAQPass(Pass):
             if self.sequential and w.name in stage_of and w.name not in stats:
                 # this stage's inputs as the stages hardened so far make them, paired with the reference's
                 t1 = time.perf_counter()
+                release_memory()  # the stage before's d x d temporaries (harden.allocator)
                 stats.update(collect_paired(reference, model, stage_list[stage_of[w.name]], calib))
                 t_stage += time.perf_counter() - t1
             shifted = 0

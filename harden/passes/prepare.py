@@ -15,8 +15,13 @@ class PreparePass(Pass):
     requires = frozenset({"float"})
     provides = frozenset({"prepared"})
 
+    in_place = True  # the prepared graph replaces the given one: a caller holding the loaded
+    # model (apply) then holds no second float copy (97 MB of ResNet-50's clip search)
+
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        model, record = prepare(model)
+        prepared, record = prepare(model)
+        if prepared is not model:
+            model.CopyFrom(prepared)
         return PassResult(model, True, record)
 
     def note(self, record: dict) -> str:
