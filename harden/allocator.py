@@ -49,7 +49,7 @@ def release_memory() -> None:
     """Hand the heap's free pages back to the system (glibc `malloc_trim`; a no-op elsewhere).
 
     Called between a run's large steps (after each pass, each clip-search candidate, each FAQ
-    stage): onnxruntime's quantizer and session builds leave hundreds of MB freed but kept by
+    stage, before apply's campaign): onnxruntime's quantizer and session builds leave hundreds of MB freed but kept by
     the allocator (ResNet-50's clip search: 1,299 MB resident, 603 MB of it live), which the
     next step's large arrays, mapped afresh, do not reuse. Peak of ResNet-50's apply 1,445 ->
     1,357 MB, resident at the end 1,196 -> 855 MB (docs/results.md); a call costs milliseconds."""

@@ -25,19 +25,19 @@ class LayerStats:
 
     groups: int
     sum_x: np.ndarray  # (groups, d)
-    sum_xx: np.ndarray | None  # (groups, d, d) or None when only means were asked for
+    sum_xx: np.ndarray | LowRankGroups | None  # (groups, d, d) (as factors when n < d rows), None: means only
     rows: int = 0
 
     @property
     def mean(self) -> np.ndarray:
         return self.sum_x / max(self.rows, 1)
 
-    def hessian(self, *, release: bool = False) -> np.ndarray:
+    def hessian(self, *, release: bool = False) -> np.ndarray | LowRankGroups:
         """E[x x^T] per group. `release`: the sums are divided in place and handed over (these
         stats no longer hold them), which saves a d x d copy per group on wide layers."""
         return self._expectation("sum_xx", release)
 
-    def _expectation(self, field: str, release: bool) -> np.ndarray:
+    def _expectation(self, field: str, release: bool) -> np.ndarray | LowRankGroups:
         """The sums in `field` divided by the row count (in place and handed over with `release`)."""
         sums = getattr(self, field)
         assert sums is not None
@@ -227,7 +227,7 @@ class PairedStats(LayerStats):
     layers before it left (`harden.compensate.absorbing_targets`)."""
 
     sum_r: np.ndarray | None = None  # (groups, d) sum of r
-    sum_rx: np.ndarray | None = None  # (groups, d, d) sum of r x^T
+    sum_rx: np.ndarray | LowRankGroups | None = None  # (groups, d, d) sum of r x^T
     #: the picked rows whose products give sum_xx and sum_rx, multiplied on first use: a stage's
     #: layers then hold rows, not d x d sums, until each is remapped
     pending: tuple | None = None
@@ -238,7 +238,7 @@ class PairedStats(LayerStats):
             self.sum_xx, self.sum_rx = gram.pop(name)
             self.pending = None
 
-    def hessian(self, *, release: bool = False) -> np.ndarray:
+    def hessian(self, *, release: bool = False) -> np.ndarray | LowRankGroups:
         self._products()
         return super().hessian(release=release)
 
@@ -247,7 +247,7 @@ class PairedStats(LayerStats):
         assert self.sum_r is not None
         return self.sum_r / max(self.rows, 1)
 
-    def cross(self, *, release: bool = False) -> np.ndarray:
+    def cross(self, *, release: bool = False) -> np.ndarray | LowRankGroups:
         """E[r x^T] per group (`release` as for `hessian`)."""
         self._products()
         return self._expectation("sum_rx", release)

@@ -15,8 +15,9 @@ class PreparePass(Pass):
     requires = frozenset({"float"})
     provides = frozenset({"prepared"})
 
-    in_place = True  # the prepared graph replaces the given one: a caller holding the loaded
-    # model (apply) then holds no second float copy (97 MB of ResNet-50's clip search)
+    #: The prepared graph replaces the given one, so a caller still holding the loaded model
+    #: (apply) holds no second float copy (97 MB while ResNet-50's clip search runs).
+    in_place = True
 
     def call(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         prepared, record = prepare(model)
