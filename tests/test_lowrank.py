@@ -80,9 +80,11 @@ def test_gram_hands_over_factors_only_below_d_rows(residual_rows):
     assert isinstance(many.pop(w.name)[0], np.ndarray)
 
 
-def test_faq_on_factors_hardens_as_the_dense_sums_do(int8_residual, digits_calib_npz, digits_test_npz, monkeypatch):
-    """Sequential FAQ on a real int8 CNN with every layer's statistics kept as factors (never
-    multiplied out) against the dense sums: the same layer errors and accuracy on the chip."""
+@pytest.mark.parametrize("sequential", [True, False])
+def test_faq_on_factors_hardens_as_the_dense_sums_do(int8_residual, digits_calib_npz, digits_test_npz, monkeypatch, sequential):
+    """FAQ (sequential: paired statistics; else the plain model's own) on a real int8 CNN with
+    every layer's statistics kept as factors (never multiplied out) against the dense sums: the
+    same layer errors and accuracy on the chip."""
     plain = load_model(int8_residual)
     calib = load_npz(digits_calib_npz, plain)
     fm = generate_uniform(sum(w.size for w in qdq_weights(plain)), 0.1, 5)
@@ -90,7 +92,7 @@ def test_faq_on_factors_hardens_as_the_dense_sums_do(int8_residual, digits_calib
     def harden() -> tuple[onnx.ModelProto, dict]:
         model = onnx.ModelProto()
         model.CopyFrom(plain)
-        out, (record,) = run_passes(model, [FAQPass(fm)], PassContext(calib=calib))
+        out, (record,) = run_passes(model, [FAQPass(fm, sequential=sequential)], PassContext(calib=calib))
         return out, record
 
     dense, dense_rec = harden()
