@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,20 +180,26 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> int:
     return dropped
 
 
+_ONNXSIM_LOCK = threading.Lock()
+
+
 def _import_onnxsim():
     """onnxsim, imported without torch: onnxsim 0.8 imports torch at import time when it is
     installed (for a PPQ bridge harden never calls), which cost a process 180 MB of resident
     memory and a second for the rest of its life (ResNet-50's apply). A torch already imported
-    (a notebook, the train extra's passes) is left alone."""
-    if "torch" in sys.modules:
-        import onnxsim
+    (a notebook, the train extra's passes) is left alone. Under a lock: fleet workers simplify
+    from several threads."""
+    with _ONNXSIM_LOCK:
+        if "onnxsim" in sys.modules or "torch" in sys.modules:
+            import onnxsim
+            return onnxsim
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+        try:
+            import onnxsim
+        finally:
+            if "torch" in sys.modules and sys.modules["torch"] is None:
+                del sys.modules["torch"]
         return onnxsim
-    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
-    try:
-        import onnxsim
-    finally:
-        del sys.modules["torch"]
-    return onnxsim
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

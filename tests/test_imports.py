@@ -103,3 +103,15 @@ def test_no_deferred_harden_imports_but_optional_extras():
             if target.startswith("harden") and not any(n.startswith(OPTIONAL) for n in names):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} from {target}")
     assert offenders == []
+
+
+def test_simplify_does_not_import_torch():
+    """onnxsim 0.8 imports torch when it is installed (a PPQ bridge): 180 MB resident for a whole
+    apply. The core's simplify keeps it out; torch still imports afterwards."""
+    pytest.importorskip("torch")
+    code = ("import sys, onnx\nfrom harden.model import simplify\n"
+            f"simplify(onnx.load({str(ROOT / 'samples' / 'model.onnx')!r}))\n"
+            "assert 'onnxsim' in sys.modules and 'torch' not in sys.modules, 'torch imported'\n"
+            "import torch\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
