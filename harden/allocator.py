@@ -8,8 +8,10 @@ value, and two arenas: ResNet-50's `apply` peaked at 1,776 MB against 2,285 MB w
 defaults, but took 152 s against 122 s (every large temporary array is mapped and unmapped
 again; an mmap threshold of 4 MB kept the time, 134 s, and not the memory, 2,181 MB;
 docs/results.md). So it is opt-in: `HARDEN_LOW_MEMORY=1`, read by the CLI once before any work;
-a user's own `MALLOC_*` environment wins. Python has no API for this (ctypes calls mallopt);
-musl and non-Linux hosts keep their allocator as it is."""
+a user's own `MALLOC_*` environment wins. Since FAQ's low-rank statistics (harden.lowrank) and
+`release_memory` below (always on) it gains little: 1,324 against 1,383 MB at 146 against 124 s.
+Python has no API for this (ctypes calls mallopt); musl and non-Linux hosts keep their
+allocator as it is."""
 
 from __future__ import annotations
 
