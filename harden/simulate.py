@@ -72,8 +72,9 @@ def fed_session(local: threading.local, model: Callable[[], onnx.ModelProto]) ->
 def conv_bound(model: onnx.ModelProto, weights: Iterable[tuple[str, str, int]]) -> bool:
     """Whether convolutions do at least half of the model's weight multiply-adds per sample
     (`weights`: each weight's consuming op type, node name and size): a weight's size times its
-    op's output positions (model.output_positions; an embedding table none). Feeding the weights as inputs costs a
-    convolution onnxruntime's blocked NCHWc kernels (2 to 4x), a MatMul little."""
+    op's output positions (model.output_positions; an embedding table none). Feeding the
+    weights as inputs costs a convolution onnxruntime's blocked NCHWc kernels (2 to 4x), a
+    MatMul little."""
     weights = list(weights)
     if not any(op == "MatMul" for op, _, _ in weights):  # no shapes needed (ResNet-50's are 100 MB)
         conv_weights = sum(size for op, _, size in weights if op in CONV_OPS)

@@ -161,12 +161,13 @@ class StackedSessions:
             raise Unstackable(f"{missing[0]} is not an initializer")
         self.clean = {n: numpy_helper.to_array(inits[n]) for n in self.names}
         self._model = model
-        self._node_names = _variables_by_node(model, self.names)
+        by_node = _variables_by_node(model, self.names)
+        self._node_names = [names for _, names in by_node]
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._clean_parts: dict[tuple[str, int], bytes] = {}
         self._layout_lock = threading.Lock()  # trial threads (campaign/parallel.py) share the layouts
         self._layout(self.k)  # Unstackable here, not at the first trial
-        self._node_work = _node_work(model, self._node_names)  # after: an unstackable graph needs no shapes
+        self._node_work = _node_work(model, by_node)  # after: an unstackable graph needs no shapes
 
     def _layout(self, profile: int | tuple[int, ...], slots: int | None = None) -> _Layout:
         """The graph for `slots` trials (default: the profile's width) and a profile: per weight
@@ -288,29 +289,22 @@ def stacked_sessions(model: onnx.ModelProto, names: Sequence[str], pad_to: int =
         return None
 
 
-def _node_work(model: onnx.ModelProto, node_names: list[list[str]]) -> np.ndarray:
-    """Multiply-adds per sample of each weight node (`_variables_by_node`'s order): its weight's
-    size times its output positions (model.output_positions; 1 where unknown)."""
+def _node_work(model: onnx.ModelProto, by_node: list[tuple[onnx.NodeProto | None, list[str]]]) -> np.ndarray:
+    """Multiply-adds per sample of each weight node (`_variables_by_node`'s order): its largest
+    weight's size times the node's output positions (model.output_positions; 1 where unknown)."""
     inits = {t.name: t for t in model.graph.initializer}
-    consumers = consumers_of(model)
     positions = output_positions(model)
-    work = []
-    for names in node_names:
-        weight = max((inits[n] for n in names), key=_size)
-        readers = consumers.get(weight.name, [])
-        node = readers[0] if readers else None
-        if node is not None and node.op_type == "DequantizeLinear":
-            node = (consumers.get(node.output[0]) or [None])[0]
-        work.append(_size(weight) * (positions.get(node.output[0], 1) if node is not None and node.output else 1))
-    return np.asarray(work, np.float64)
+    return np.asarray([max(_size(inits[n]) for n in names) * (positions.get(node.output[0], 1) if node is not None and node.output else 1)
+                       for node, names in by_node], np.float64)
 
 
-def _variables_by_node(model: onnx.ModelProto, names: Sequence[str]) -> list[list[str]]:
+def _variables_by_node(model: onnx.ModelProto, names: Sequence[str]) -> list[tuple[onnx.NodeProto | None, list[str]]]:
     """The variables grouped by the node that reads them (a Conv or Gemm, directly or through a
-    DequantizeLinear), nodes in graph order (topological). A variable read otherwise goes first
-    (the widening refuses it anyway)."""
+    DequantizeLinear), as (node, its variables), nodes in graph order (topological). Variables
+    read otherwise go first, under None (the widening refuses them anyway)."""
     consumers = consumers_of(model)
-    index = {id(node): i for i, node in enumerate(model.graph.node)}
+    nodes = list(model.graph.node)
+    index = {id(node): i for i, node in enumerate(nodes)}
     by_node: dict[int, list[str]] = {}
     for name in names:
         readers = consumers.get(name, [])
@@ -319,7 +313,7 @@ def _variables_by_node(model: onnx.ModelProto, names: Sequence[str]) -> list[lis
             after = consumers.get(reader.output[0], [])
             reader = after[0] if len(after) == 1 else None
         by_node.setdefault(index[id(reader)] if reader is not None else -1, []).append(name)
-    return [by_node[i] for i in sorted(by_node)]
+    return [(nodes[i] if i >= 0 else None, by_node[i]) for i in sorted(by_node)]
 
 
 def _padded(arr: np.ndarray, pad: tuple[tuple[int, ...], float] | None) -> np.ndarray:
