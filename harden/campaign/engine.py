@@ -200,29 +200,35 @@ class Campaign(RecordsMixin):
         k = session_k if planned is None else group_width(session_k, planned)
         rows: list[TrialResult] = []
         a = start - start % k
+        harmless = getattr(ses, "harmless", None)
         while a < stop:
             trials = range(max(a, start), min(a + k, stop))
             injections = [self.injection(point, t) for t in trials]
+            # a trial the session's bound proves harmless keeps the clean predictions, unrun
+            certified = harmless(injections) if harmless is not None else np.zeros(len(injections), bool)
+            run = [None if c else i for i, c in zip(injections, certified)]
             if not stacked:
-                preds = [ses.predictions(i) if i.tensors else base.clean_pred for i in injections]
+                preds = [ses.predictions(i) if i is not None and i.tensors else base.clean_pred for i in run]
             else:
                 lead = trials.start - a
-                slots: list[Injection | None] = [None] * lead + injections
+                slots: list[Injection | None] = [None] * lead + run
                 slots += [None] * (k - len(slots))
                 preds = ses.predictions_many(slots)[lead:lead + len(injections)]
-            rows += [self._trial_result(point, t, i, p, base) for t, i, p in zip(trials, injections, preds)]
+                preds = [base.clean_pred if c else p for p, c in zip(preds, certified)]
+            rows += [self._trial_result(point, t, i, p, base, bool(c)) for t, i, p, c in zip(trials, injections, preds, certified)]
             a += k
         return rows
 
     @staticmethod
-    def _trial_result(point: int, trial: int, inj: Injection, pred: np.ndarray, base: Baseline) -> TrialResult:
+    def _trial_result(point: int, trial: int, inj: Injection, pred: np.ndarray, base: Baseline,
+                      certified: bool = False) -> TrialResult:
         if not inj.tensors:  # nothing hit: the clean predictions (the session is deterministic)
             pred = base.clean_pred
         # A NaN logit row is predicted as NAN_CLASS (-1, data.top1): wrong, and an SDC-1 event
         # when the fault-free prediction was right; both figures need nothing more.
         acc = float(np.mean(pred == base.target))
         events = int(np.count_nonzero(pred[base.correct] != base.clean_pred[base.correct]))
-        return TrialResult(point, trial, acc, events, inj.cells, int(np.count_nonzero(pred == NAN_CLASS)))
+        return TrialResult(point, trial, acc, events, inj.cells, int(np.count_nonzero(pred == NAN_CLASS)), certified)
 
     def _rows(self, point: int, start: int, planned: int) -> Iterable[TrialResult]:
         """Trials [start, planned) in order, one pass (one group of `stack_of` trials) at a time."""
@@ -256,6 +262,7 @@ class Campaign(RecordsMixin):
         events = np.empty(planned, np.int64)
         cells = np.empty(planned, np.int64)
         nans = np.empty(planned, np.int64)
+        certified = np.zeros(planned, bool)
         self.stack_of(point)  # the session (a side session, stacked graphs) is set-up, not trials: built off the clock
         t0 = time.perf_counter()
         n, stopped, out_of_time = 0, False, False
@@ -270,6 +277,7 @@ class Campaign(RecordsMixin):
                 for r in rows:
                     t = r.trial
                     acc[t], events[t], cells[t], nans[t] = r.accuracy, r.sdc1_events, r.faulty_cells, r.nan_outputs
+                    certified[t] = r.certified
                     n = t + 1
                     if progress:
                         progress(1)
@@ -289,7 +297,7 @@ class Campaign(RecordsMixin):
         if progress and n < planned:
             progress(planned - n)
         return PointResult(point, model, planned, acc[:n].copy(), events[:n].copy(), cells[:n].copy(), stopped and not out_of_time,
-                           time.perf_counter() - t0, nans[:n].copy(), out_of_time)
+                           time.perf_counter() - t0, nans[:n].copy(), out_of_time, certified[:n].copy())
 
     def run(self, options: CampaignOptions | None = None, progress: Callable[[int], None] | None = None,
             executor: TrialExecutor | None = None, jobs: int | None = None) -> CampaignResult:

@@ -48,6 +48,9 @@ class RecordsMixin:
                 "max": round(float(frac.max()), 6),
                 "trials_with_nan": int(np.count_nonzero(pr.nan_outputs)),
             }
+        if self.precision_of(m) == "float" and pr.certified is not None:
+            # trials whose flips a sound bound proves harmless: clean predictions, no inference
+            rec["certified_trials"] = int(np.count_nonzero(pr.certified))
         if n_correct:
             rates = pr.sdc1_events / n_correct
             s, s_c = summarize(rates, 0.95), summarize(rates, options.confidence)

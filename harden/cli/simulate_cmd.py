@@ -230,6 +230,9 @@ def campaign_table(rep: dict) -> str:
     if any("nan_outputs" in p for p in rep["points"]):
         nan = ", ".join(f"{p['label']} {100 * p['nan_outputs']['mean']:.2f}%" for p in rep["points"] if "nan_outputs" in p)
         lines.append(f"inputs with a NaN logit (counted wrong): {nan}")
+    if any(p.get("certified_trials") for p in rep["points"]):
+        cert = ", ".join(f"{p['label']} {p['certified_trials']} of {p['trials']}" for p in rep["points"] if "certified_trials" in p)
+        lines.append(f"trials proven harmless by the output bound (clean predictions, not run): {cert}")
     if rep.get("gates"):
         lines += gates_table(rep["gates"])
     if rep.get("per_layer") is not None:

@@ -36,12 +36,14 @@ lowest index. The report gives, per fp32 point, the fraction of outputs with a N
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from ..bounds import OutputBound
 from ..data import Dataset, top1
 from ..errors import InputError
 from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
@@ -150,7 +152,7 @@ class FloatWeightEvaluator(Session):
     `predictions(injection)`; also `values` (the clean weights), `ops` (tensor -> (op type,
     node name) of its first consumer) and `session_info()` for the report."""
 
-    def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256):
+    def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 256, certify: bool | None = None):
         work, self.prepared = fp32_model(model)
         self.space = float_space(work)
         if not self.space.weights:
@@ -173,6 +175,15 @@ class FloatWeightEvaluator(Session):
         self._feeds: bool | None = None
         self.clean_logits = self.logits(None)
         self.clean = top1(self.clean_logits)
+        # trials the bound proves harmless run no inference (bounds.py); off: HARDEN_CERTIFY=0
+        if certify is None:
+            certify = os.environ.get("HARDEN_CERTIFY", "1") != "0"
+        self.bound = None
+        if certify:
+            try:
+                self.bound = OutputBound.of(work, data, self.clean_logits, names, self.batch)
+            except InputError:  # onnxruntime cannot run the norms' graph: every trial runs
+                self.bound = None
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -198,6 +209,13 @@ class FloatWeightEvaluator(Session):
             return out
         (out,) = run_batched(self._variants.session_for(values), self.data, self.batch, [self._output])
         return out
+
+    def harmless(self, injections: list[Injection]) -> np.ndarray:
+        """Per injection: whether its flips provably change no prediction (bounds.OutputBound;
+        all False without a bound). Such a trial's predictions are the clean ones."""
+        if self.bound is None:
+            return np.zeros(len(injections), bool)
+        return self.bound.harmless(injections, self.values)
 
     def predictions(self, injection: Injection | None = None) -> np.ndarray:
         """Top-1 with the trial's flips applied (NaN logits -> class -1, see the module doc)."""
@@ -233,6 +251,7 @@ class FloatWeightEvaluator(Session):
             "weights": sum(t.size for t in self.space.weights),
             "bits": sum(t.cells for t in self.space.weights),
             "prepared": self.prepared,
+            "bound": self.bound.summary() if self.bound is not None else None,
         }
 
 
