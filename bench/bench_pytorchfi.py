@@ -14,7 +14,10 @@ batch.
   deep-copies the model and writes them; one forward pass; top-1 accuracy.
 - harden: `harden.campaign.simulate(MODEL.onnx, DATA, ["bitflip-fp32:BER"], CampaignOptions(trials=N))`,
   what `harden simulate --fault bitflip-fp32:BER --trials N` runs, in this process: the point's
-  own seconds (its session is built off the clock, like PyTorchFI's `fault_injection` object),
+  own seconds (its session and output bound are built off the clock, like PyTorchFI's
+  `fault_injection` object; the bound's set-up is recorded), with the bound (trials it proves
+  harmless run no inference, harden/faults/bounds.py) and without it (HARDEN_CERTIFY=0, the same
+  figures trial for trial, checked),
   after one warm-up campaign, as torch and onnxruntime are warmed up by their clean passes (a
   fresh process's first campaign pays about 0.1 s of one-off start: arenas, thread pools).
 - Clean passes: torch eval forward, and an onnxruntime session of the ONNX model.
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--ber", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds idle before each timed run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of each (the median ratio is reported)")
     args = ap.parse_args()
     import torch
@@ -115,20 +119,31 @@ def main() -> None:
                 accs.append(float((np.nan_to_num(out, nan=-np.inf).argmax(1) == y).mean()))
             return (time.perf_counter() - t0) / args.trials, accs
 
-        def harden_trials() -> tuple[float, dict]:
-            report = simulate(onnx_path, data, [f"bitflip-fp32:{args.ber!r}"], options=CampaignOptions(trials=args.trials, seed=args.seed)).report
+        def harden_trials(certify: bool = True) -> tuple[float, dict, dict]:
+            os.environ["HARDEN_CERTIFY"] = "1" if certify else "0"
+            try:
+                report = simulate(onnx_path, data, [f"bitflip-fp32:{args.ber!r}"],
+                                  options=CampaignOptions(trials=args.trials, seed=args.seed)).report
+            finally:
+                os.environ.pop("HARDEN_CERTIFY", None)
             point = report["points"][0]
-            return point["seconds"] / point["trials"], point
+            return point["seconds"] / point["trials"], point, report["fp32"]
 
         harden_trials()  # warm-up
 
-        # Rounds alternate the two, so that the machine's load hits both alike.
-        pfi_times, harden_times = [], []
+        # Rounds alternate the three, so that the machine's load hits them alike.
+        pfi_times, harden_times, unbounded_times = [], [], []
         for _ in range(args.rounds):
+            time.sleep(args.pause)
             t, accs = pytorchfi_trials()
             pfi_times.append(t)
-            t, point = harden_trials()
+            time.sleep(args.pause)
+            t, point, fp32 = harden_trials()
             harden_times.append(t)
+            time.sleep(args.pause)
+            t, unbounded, _ = harden_trials(certify=False)
+            unbounded_times.append(t)
+            assert unbounded["per_trial"] == point["per_trial"]  # the bound changes the cost, never a figure
         ratios = [p / h for p, h in zip(pfi_times, harden_times)]
 
     row = {
@@ -139,6 +154,9 @@ def main() -> None:
         "harden_speedup_per_round": [round(r, 2) for r in ratios],
         "harden_speedup": round(float(np.median(ratios)), 2),
         "harden_speedup_best_rounds": round(min(pfi_times) / min(harden_times), 2),
+        "harden_certified_trials": point["certified_trials"], "harden_bound_setup_s": fp32["bound"]["seconds"],
+        "harden_ms_per_trial_without_bound": [round(1e3 * t, 2) for t in unbounded_times],
+        "harden_speedup_without_bound": round(float(np.median([p / h for p, h in zip(pfi_times, unbounded_times)])), 2),
         "pytorchfi_mean_accuracy": round(float(np.mean(accs)), 4), "harden_mean_accuracy": point["accuracy"]["mean"],
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }

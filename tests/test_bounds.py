@@ -1,4 +1,4 @@
-"""The output bound (harden/bounds.py): sound on real convolutions and real trials, and the
+"""The output bound (harden/faults/bounds.py): sound on real convolutions and real trials, and the
 trials it certifies give the figures running them gives."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from harden import bounds
-from harden.bounds import OutputBound, conv_operator_norm
 from harden.campaign import CampaignOptions, simulate
 from harden.campaign.options import trial_rng
 from harden.data import Dataset, load_npz
+from harden.faults import bounds
 from harden.faults.base import Injection, TensorFaults
+from harden.faults.bounds import OutputBound, conv_operator_norm
 from harden.faults.fp32 import FloatWeightEvaluator, FP32BitFlip, FP32BitFlipParams
 from harden.runtime import session
 

@@ -73,7 +73,7 @@ class TrialResult:
     sdc1_events: int  # correct inputs whose top-1 changed
     faulty_cells: int
     nan_outputs: int = 0  # inputs whose logits hold a NaN (predicted as class -1, data.NAN_CLASS)
-    certified: bool = False  # proven harmless by the session's bound (bounds.py): clean predictions, not run
+    certified: bool = False  # proven harmless by the session's bound (faults/bounds.py): clean predictions, not run
 
 
 @dataclass
@@ -88,7 +88,7 @@ class PointResult:
     seconds: float = 0.0  # the trials' time: the point's session is built before its clock starts
     nan_outputs: np.ndarray | None = None
     stopped_by_budget: bool = False
-    certified: np.ndarray | None = None  # per trial: proven harmless without inference (bounds.py)
+    certified: np.ndarray | None = None  # per trial: proven harmless without inference (faults/bounds.py)
 
     @property
     def trials(self) -> int:

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..bounds import OutputBound
 from ..data import Dataset, top1
 from ..errors import InputError
 from ..model import drop_initializer_inputs, float_weight_names, get_initializer, initializer_map, prepare, weight_input
@@ -63,6 +62,7 @@ from .base import (
     sample_positions,
     select_tensors,
 )
+from .bounds import OutputBound
 
 #: The campaign session kind of float32 weight faults (harden.campaign.SESSION_KINDS).
 FP32_KIND = "fp32"

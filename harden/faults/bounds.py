@@ -41,9 +41,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .data import Dataset
-from .model import opset_of, weight_input
-from .runtime import batch_size_for, run_batched, session
+from ..data import Dataset
+from ..model import opset_of, weight_input
+from ..runtime import batch_size_for, run_batched, session
+from .base import TensorFaults
 
 #: The float32 rounding allowed for, as a fraction of a sample's largest logit: a trial is
 #: certified only where the bound leaves the clean top-1 ahead by more than this (float32 sums
@@ -142,18 +143,29 @@ class OutputBound:
         finite. A trial that changes nothing gets zeros."""
         n = self.room.size
         trials = len(injections)
-        finite = np.ones(trials, bool)
-        flips: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # step -> (trial, channel, |d|)
+        hits: dict[str, list[tuple[int, object]]] = {}  # tensor -> (trial, TensorFaults), gathered per tensor
         for t, inj in enumerate(injections):
             for tf in getattr(inj, "tensors", None) or ():
-                old = np.ascontiguousarray(values[tf.name]).reshape(-1)[tf.index]
-                new = tf.read(old.view(np.uint32)).view(np.float32)
-                d = np.abs(new.astype(np.float64) - old.astype(np.float64))
-                if not np.all(np.isfinite(d)):
-                    finite[t] = False
-                    break
-                for use in self.uses.get(tf.name, ()):
-                    flips.setdefault(use.step, []).append((np.full(d.size, t), use.channel(np.asarray(tf.index)), use.scale * d))
+                hits.setdefault(tf.name, []).append((t, tf))
+        finite = np.ones(trials, bool)
+        flips: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # step -> (trial, channel, |d|)
+        for name, items in hits.items():
+            index = np.concatenate([np.asarray(tf.index) for _, tf in items])
+            trial = np.concatenate([np.full(len(tf.index), t) for t, tf in items])
+            old = np.ascontiguousarray(values[name]).reshape(-1)[index]
+            masks = {}
+            for kind in ("flip", "sa0", "sa1"):  # one read for the whole group (a missing mask is a no-op)
+                if any(getattr(tf, kind) is not None for _, tf in items):
+                    masks[kind] = np.concatenate([getattr(tf, kind) if getattr(tf, kind) is not None
+                                                  else np.zeros(len(tf.index), np.uint32) for _, tf in items])
+            new = TensorFaults(name, index, **masks).read(old.view(np.uint32)).view(np.float32)
+            d = np.abs(new.astype(np.float64) - old.astype(np.float64))
+            bad = ~np.isfinite(d)
+            if bad.any():
+                finite[np.unique(trial[bad])] = False
+                d[bad] = 0.0
+            for use in self.uses.get(name, ()):
+                flips.setdefault(use.step, []).append((trial, use.channel(index), use.scale * d))
         eps: dict[str, np.ndarray] = {}
         for i, st in enumerate(self.steps):
             parts = [eps[x] for x in st.ins if x in eps]
