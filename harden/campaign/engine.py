@@ -206,6 +206,7 @@ class Campaign(RecordsMixin):
             injections = [self.injection(point, t) for t in trials]
             # a trial the session's bound proves harmless keeps the clean predictions, unrun
             certified = harmless(injections) if harmless is not None else np.zeros(len(injections), bool)
+            certified = [bool(c) and bool(i.tensors) for c, i in zip(certified, injections)]  # a trial hitting nothing is clean anyway
             run = [None if c else i for i, c in zip(injections, certified)]
             if not stacked:
                 preds = [ses.predictions(i) if i is not None and i.tensors else base.clean_pred for i in run]

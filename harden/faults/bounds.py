@@ -59,7 +59,7 @@ SYMBOL_ENTRIES = 4e6
 #: norms along every path, so it grows with depth until nothing certifies, and its set-up (an
 #: inference pass, the norms) is then pure cost. Measured: ResNet-50 (54 layers) certified none
 #: of 300 trials at 1e-8 and 1e-7 (8 and 81 flips) after 7 to 10 s of set-up; the zoo's MobileNetV2
-#: (17) 30 % of its non-empty trials at 1e-6, the residual CNN (6) 34 % at 1e-5.
+#: (17) 42 of the 124 trials that hit a weight at 1e-6, the residual CNN (6) 61 of 200 at 1e-5.
 MAX_LAYERS = 32
 
 #: Ops that change each element alone, and their Lipschitz constants (largest slope).
@@ -197,13 +197,17 @@ class OutputBound:
         bound[~finite] = np.inf
         return bound
 
-    def harmless(self, injections: Sequence, values: dict[str, np.ndarray]) -> np.ndarray:
-        """Per injection: whether the bound proves that no sample's top-1 can change (an
-        injection that changes nothing is harmless)."""
+    def settled(self, injections: Sequence, values: dict[str, np.ndarray]) -> np.ndarray:
+        """[trials, samples]: where the bound proves the sample's top-1 unchanged (None and an
+        injection that changes nothing: every sample)."""
         if not len(injections):
-            return np.zeros(0, bool)
+            return np.zeros((0, self.room.size), bool)
         with np.errstate(over="ignore", invalid="ignore"):
-            return np.all(self.output_change(injections, values) < self.room, axis=1)
+            return self.output_change(injections, values) < self.room
+
+    def harmless(self, injections: Sequence, values: dict[str, np.ndarray]) -> np.ndarray:
+        """Per injection: whether the bound proves that no sample's top-1 can change."""
+        return np.all(self.settled(injections, values), axis=1)
 
     def summary(self) -> dict:
         """What a report says of the bound."""
