@@ -84,8 +84,8 @@ class _Step:
 
 @dataclass(frozen=True)
 class _WeightUse:
-    """A weight layer reading a flippable weight: its step, how a flat weight index maps to the
-    input channel it reads, and the input's per-sample channel norms ([samples, channels])."""
+    """A weight layer reading a flippable weight: its step, and how a flat index of the weight
+    maps to the input channel that weight reads (`channel`)."""
 
     step: int
     kind: str  # "conv" (weight [Cout, Cin/g, ...]), "rows" (W[K, O]), "cols" (W[O, K])
