@@ -23,24 +23,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from harden.campaign import CampaignOptions, simulate  # noqa: E402
 
 
 def _residual(tmp: Path) -> tuple[Path, Path]:
-    import zoo
+    from bench_pytorchfi import residual_network  # the same network as the PyTorchFI bench
 
-    d = zoo.digits_splits()
-    with zoo._TorchState(0):
-        module = zoo._digits_module("residual")
-    module, _ = zoo._train(module, d["x_train"], d["y_train"], d["x_test"], d["y_test"], seed=0,
-                           epochs=zoo.DEFAULT_DIGITS_EPOCHS, lr=3e-3, floor=zoo.DIGITS_ACCURACY_FLOOR)
-    module.eval()
-    x, y = np.array(d["x_test"]), np.array(d["y_test"])
-    model = tmp / "residual.onnx"
-    zoo._export(module, x[:1], model, opset=17, dynamic_batch=True, x_check=x, meta={"name": "bench"})
-    return model, zoo.write_npz(tmp / "test.npz", x, y)
+    return residual_network(tmp)[3:]
 
 
 def main() -> None:

@@ -58,6 +58,21 @@ def _best(fn, repeats: int = 10) -> float:
     return min(times)
 
 
+def residual_network(tmp: Path):
+    """The test suite's residual digits CNN trained in torch (seed 0), its ONNX export and the
+    341 test digits: (module, x, y, ONNX path, npz path), the files in `tmp`."""
+    d = zoo.digits_splits()
+    with zoo._TorchState(0):
+        module = zoo._digits_module("residual")
+    module, _ = zoo._train(module, d["x_train"], d["y_train"], d["x_test"], d["y_test"], seed=0,
+                           epochs=zoo.DEFAULT_DIGITS_EPOCHS, lr=3e-3, floor=zoo.DIGITS_ACCURACY_FLOOR)
+    module.eval()
+    x, y = np.array(d["x_test"]), np.array(d["y_test"])
+    onnx_path = tmp / "residual.onnx"
+    zoo._export(module, x[:1], onnx_path, opset=17, dynamic_batch=True, x_check=x, meta={"name": "bench"})
+    return module, x, y, onnx_path, zoo.write_npz(tmp / "test.npz", x, y)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=200)
@@ -69,18 +84,9 @@ def main() -> None:
     import torch
     from pytorchfi.core import fault_injection
 
-    d = zoo.digits_splits()
-    with zoo._TorchState(0):
-        module = zoo._digits_module("residual")
-    module, _ = zoo._train(module, d["x_train"], d["y_train"], d["x_test"], d["y_test"], seed=0,
-                           epochs=zoo.DEFAULT_DIGITS_EPOCHS, lr=3e-3, floor=zoo.DIGITS_ACCURACY_FLOOR)
-    module.eval()
-    x, y = np.array(d["x_test"]), np.array(d["y_test"])
-    xt = torch.from_numpy(x)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "residual.onnx"
-        zoo._export(module, x[:1], onnx_path, opset=17, dynamic_batch=True, x_check=x, meta={"name": "bench"})
-        data = zoo.write_npz(Path(tmp) / "test.npz", x, y)
+        module, x, y, onnx_path, data = residual_network(Path(tmp))
+        xt = torch.from_numpy(x)
 
         with torch.no_grad():
             torch_clean = _best(lambda: module(xt))
