@@ -144,6 +144,10 @@ def test_a_campaign_with_the_bound_gives_the_figures_of_one_without(residual_cnn
         assert a["per_trial"] == b["per_trial"] and a["sdc1"] == b["sdc1"] and a["nan_outputs"] == b["nan_outputs"]
         assert b["certified_trials"] == 0
     assert with_bound["points"][0]["certified_trials"] > 10
+    monkeypatch.delenv("HARDEN_CERTIFY")
+    shown = [simulate(residual_cnn, digits_test_npz, spec, options=opts, show_trial=(0, t)).report["trial"] for t in range(8)]
+    assert any(r.get("certified") for r in shown) and not all(r.get("certified") for r in shown)
+    assert all(r["accuracy"] == with_bound["points"][0]["per_trial"]["accuracy"][r["trial"]] for r in shown)
     assert with_bound["fp32"]["bound"]["weight_layers"] == 6 and without["fp32"]["bound"] is None
 
 

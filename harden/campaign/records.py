@@ -95,6 +95,7 @@ class RecordsMixin:
             "accuracy": round(r.accuracy, 6),
             "sdc1": round(r.sdc1_events / n_correct, 6) if n_correct else None,
             "faulty_cells": r.faulty_cells,
+            **({"certified": True} if r.certified else {}),  # proven harmless: clean predictions, not run
             "faults": faults,
         }
 

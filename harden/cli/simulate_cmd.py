@@ -311,6 +311,7 @@ def trial_table(rep: dict) -> str:
     lines.append(
         f"point {t['point']} ({t['label']}), trial {t['trial']} (rng {t['rng']}): accuracy {100 * t['accuracy']:.2f}%, "
         f"SDC-1 {sdc}, {t['faulty_cells']} faulty cells"
+        + ("; proven harmless by the output bound (clean predictions, not run)" if t.get("certified") else "")
     )
     act = bool(t["faults"]) and "sample" in t["faults"][0]
     where = f"{'sample':>7} {'element':>8}" if act else f"{'index':>8}"
