@@ -270,8 +270,11 @@ class StackedSessions:
 def top1_of_trials(injections: Sequence, values: dict[str, np.ndarray], clean: np.ndarray,
                     logits_many: Callable[[list], list[np.ndarray]]) -> list[np.ndarray]:
     """Each injection's top-1 through a session's `logits_many` (one variant per injection, in
-    its slot; an injection that is None or hits nothing runs clean and gets `clean`)."""
+    its slot; an injection that is None or hits nothing runs clean and gets `clean`; when none
+    hits anything, nothing runs)."""
     variants = [i.apply(values) if i is not None and i.tensors else None for i in injections]
+    if all(v is None for v in variants):
+        return [clean] * len(variants)
     return [top1(lg) if v is not None else clean for v, lg in zip(variants, logits_many(variants))]
 
 

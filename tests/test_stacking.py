@@ -11,6 +11,7 @@ from harden.campaign import Campaign, CampaignOptions
 from harden.campaign.executors import aligned_spans
 from harden.data import load_npz, top1
 from harden.faults import parse_fault_spec
+from harden.faults.base import TensorFaults
 from harden.faults.fp32 import FloatWeightEvaluator
 from harden.model import get_initializer, qdq_weights
 from harden.runtime import VariantSessions, run_batched
@@ -260,3 +261,19 @@ def test_a_nan_in_one_float_trial_stays_in_that_trial(plain_cnn, digits_test_npz
     assert np.isnan(logits[1]).any() and not np.isnan(finite[1]).any()
     assert np.array_equal(logits[0], finite[0]) and np.array_equal(logits[2], finite[2])
     assert (top1(finite[0]) != ev.clean).sum() <= 1  # and what one session computes, to the tolerance
+
+
+def test_a_group_that_hits_nothing_runs_nothing():
+    """A stacked group whose trials hit nothing (low rates; or every trial proven harmless by
+    the float output bound) gets the clean predictions without a pass."""
+    from harden.faults.base import Injection
+    from harden.stacking import top1_of_trials
+
+    clean = np.array([3, 1, 4])
+    runs = []
+    out = top1_of_trials([None, Injection(()), None], {}, clean, lambda variants: runs.append(variants) or [])
+    assert runs == [] and all(o is clean for o in out)
+    w = {"w": np.ones(4, np.float32)}
+    hit = Injection((TensorFaults("w", np.array([1]), flip=np.array([1 << 31], np.uint32)),))
+    out = top1_of_trials([None, hit], w, clean, lambda variants: runs.append(variants) or [np.zeros((3, 5))] * 2)
+    assert len(runs) == 1 and runs[0][0] is None and runs[0][1]["w"][1] == -1.0 and out[0] is clean

@@ -21,6 +21,8 @@ sessions of the float model, its weights constant and prepacked: K trials side b
 session where the graph allows (stacking.py), else one per trial (runtime.VariantSessions: the
 model's bytes plus the tensors the trial hit) when convolutions do most of the work, or one
 session fed each trial's weights as inputs otherwise (transformers; simulate.conv_bound). A
+trial that the output bound (bounds.py) proves harmless is not run (its predictions are the
+clean ones), and one it leaves uncertain on few samples runs on those alone. A
 campaign scores the points against this session's own clean predictions and reports how they
 compare with the model's ordinary session (`fp32.clean`).
 
