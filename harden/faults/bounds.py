@@ -42,8 +42,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..data import Dataset
-from ..model import opset_of, weight_input
-from ..runtime import batch_size_for, run_batched, session
+from ..model import weight_input
+from ..runtime import capture
 from .base import TensorFaults
 
 #: The float32 rounding allowed for, as a fraction of a sample's largest logit: a trial is
@@ -143,9 +143,7 @@ class OutputBound:
         if plan is None:
             return None
         steps, uses, inputs = plan
-        norms = _channel_norms(model, data, inputs, batch, shapes)
-        if norms is None:
-            return None
+        norms = _channel_norms(model, data, inputs, batch)
         return cls(steps, uses, norms, model.graph.output[0].name, logits, time.perf_counter() - t0)
 
     def output_change(self, injections: Sequence, values: dict[str, np.ndarray]) -> np.ndarray:
@@ -473,41 +471,39 @@ def _schur(mats: np.ndarray) -> float:
 
 
 def _channel_norms(model: onnx.ModelProto, data: Dataset, inputs: dict[int, tuple[str, str]],
-                   batch: int | None, shapes: dict[str, "_Dims"]) -> dict[int, np.ndarray] | None:
+                   batch: int | None) -> dict[int, np.ndarray]:
     """Per weight step: [samples, channels], each sample's 2-norm of each input channel of the
     layer on the clean model (a convolution's channel over its positions, a MatMul's feature
-    over its rows, a Gemm input's element), computed in the graph (ReduceL2), one clean pass."""
-    if not inputs:
-        return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    opset = opset_of(m)
-    del m.graph.output[:]  # only the norms: what they do not need is not run
-    outputs: dict[str, str] = {}
-    for tensor, reduce in inputs.values():
-        key = f"{tensor}|{reduce}"
-        if key in outputs:
-            continue
-        name = f"harden_bound_norm_{len(outputs)}"
-        rank = len(shapes.get(tensor) or [])
-        if reduce == "elements" or rank == 2:
-            m.graph.node.append(helper.make_node("Abs", [tensor], [name]))
-        else:
-            axes = list(range(2, rank)) if reduce == "channels" else list(range(1, rank - 1))
-            if rank < 3 or not axes:
-                return None
-            if opset >= 18:
-                axes_name = f"{name}_axes"
-                m.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
-                m.graph.node.append(helper.make_node("ReduceL2", [tensor, axes_name], [name], keepdims=0))
+    over its rows, a Gemm input's element): one clean pass (runtime.capture), reduced batch by
+    batch in float64."""
+    tensors = sorted({tensor for tensor, _ in inputs.values()})
+    fed = [t for t in tensors if t in data.inputs]  # a graph input: the data itself
+    parts: dict[tuple[str, str], list[np.ndarray]] = {(t, r): [] for t, r in inputs.values()}
+
+    def reduce(arrays: dict[str, np.ndarray]) -> None:
+        for (tensor, how), out in parts.items():
+            a = np.asarray(arrays[tensor], np.float64)
+            if how == "elements" or a.ndim == 2:
+                out.append(np.abs(a))
             else:
-                m.graph.node.append(helper.make_node("ReduceL2", [tensor], [name], axes=axes, keepdims=0))
-        m.graph.output.extend([helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)])
-        outputs[key] = name
-    names = list(outputs.values())
-    values = run_batched(session(m), data, batch or batch_size_for(m), names)
-    by_name = {n: np.asarray(v, np.float64) for n, v in zip(names, values)}
-    return {step: by_name[outputs[f"{tensor}|{reduce}"]] for step, (tensor, reduce) in inputs.items()}
+                axes = tuple(range(2, a.ndim)) if how == "channels" else tuple(range(1, a.ndim - 1))
+                out.append(np.sqrt(np.square(a).sum(axis=axes)))
+
+    captured = [t for t in tensors if t not in fed]
+    if captured:
+        rows = 0
+
+        def on_batch(arrays: dict[str, np.ndarray]) -> None:
+            nonlocal rows
+            n = len(next(iter(arrays.values())))
+            reduce({**arrays, **{t: data.inputs[t][rows:rows + n] for t in fed}})
+            rows += n
+
+        capture(model, data, captured, on_batch, batch_size=batch or 64)
+    else:
+        reduce({t: data.inputs[t] for t in fed})
+    norms = {key: np.concatenate(out) for key, out in parts.items()}
+    return {step: norms[tensor, how] for step, (tensor, how) in inputs.items()}
 
 
 __all__ = ["OutputBound", "conv_operator_norm", "ROUNDING"]
