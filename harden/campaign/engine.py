@@ -214,8 +214,7 @@ class Campaign(RecordsMixin):
                 lead = trials.start - a
                 slots: list[Injection | None] = [None] * lead + run
                 slots += [None] * (k - len(slots))
-                preds = ses.predictions_many(slots)[lead:lead + len(injections)]
-                preds = [base.clean_pred if c else p for p, c in zip(preds, certified)]
+                preds = ses.predictions_many(slots)[lead:lead + len(injections)]  # a None slot: the clean top-1
             rows += [self._trial_result(point, t, i, p, base, bool(c)) for t, i, p, c in zip(trials, injections, preds, certified)]
             a += k
         return rows
