@@ -78,7 +78,6 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--ber", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pause", type=float, default=0.0, help="seconds idle before each timed run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of each (the median ratio is reported)")
     args = ap.parse_args()
     import torch
@@ -140,13 +139,10 @@ def main() -> None:
         # Rounds alternate the three, so that the machine's load hits them alike.
         pfi_times, harden_times, unbounded_times = [], [], []
         for _ in range(args.rounds):
-            time.sleep(args.pause)
             t, accs = pytorchfi_trials()
             pfi_times.append(t)
-            time.sleep(args.pause)
             t, point, fp32 = harden_trials()
             harden_times.append(t)
-            time.sleep(args.pause)
             t, unbounded, _ = harden_trials(certify=False)
             unbounded_times.append(t)
             assert unbounded["per_trial"] == point["per_trial"]  # the bound changes the cost, never a figure
